@@ -1,0 +1,141 @@
+// CUDA elementwise kernels of the dual InfoNCE strip driver (dual_infonce.cpp). The strip
+// GEMMs are cuBLAS (tensor cores for bf16/fp16, fp32 accumulation and output); these
+// kernels are the fused log-sum-exp / softmax-gradient passes over each strip, using the
+// same per-element math (tile_math.h) as the CPU kernels. No host synchronisation: the
+// scale is read from device memory and every reduction stays on the device.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "dual_infonce.h"
+#include "tile_math.h"
+
+namespace himo {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ LseState<float> warp_lse(LseState<float> st) {
+  for (int off = 16; off > 0; off >>= 1) {
+    LseState<float> o{__shfl_xor_sync(0xffffffffu, st.max, off),
+                      __shfl_xor_sync(0xffffffffu, st.sum, off)};
+    st = lse_merge(st, o);
+  }
+  return st;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// One block per row: out[r] = logsumexp_j(scale * dots[r, j]).
+__global__ void row_lse_kernel(const float* __restrict__ dots, int64_t len,
+                               const float* __restrict__ scale, float* __restrict__ out) {
+  __shared__ float smax[kWarps], ssum[kWarps];
+  const float s = *scale;
+  const float* row = dots + blockIdx.x * len;
+  LseState<float> st = lse_empty<float>();
+  for (int64_t j = threadIdx.x; j < len; j += kThreads) st = lse_push(st, s * row[j]);
+  st = warp_lse(st);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    smax[warp] = st.max;
+    ssum[warp] = st.sum;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < kWarps ? LseState<float>{smax[lane], ssum[lane]} : lse_empty<float>();
+    st = warp_lse(st);
+    if (lane == 0) out[blockIdx.x] = lse_value(st);
+  }
+}
+
+// One thread per column: merge this strip's column into the running (max, sum).
+__global__ void col_merge_kernel(const float* __restrict__ dots, int64_t rows, int64_t cols,
+                                 const float* __restrict__ scale, float* __restrict__ cmax,
+                                 float* __restrict__ csum) {
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= cols) return;
+  const float s = *scale;
+  LseState<float> st{cmax[j], csum[j]};
+  for (int64_t r = 0; r < rows; ++r) st = lse_push(st, s * dots[r * cols + j]);
+  cmax[j] = st.max;
+  csum[j] = st.sum;
+}
+
+// One block per row: weights in place, ds_rows[r] = sum_j weight * dot.
+__global__ void softmax_grad_kernel(float* __restrict__ dots, int64_t cols, int64_t seg_len,
+                                    const float* __restrict__ scale,
+                                    const float* __restrict__ lse_row,
+                                    const float* __restrict__ g_row,
+                                    const float* __restrict__ lse_col,
+                                    const float* __restrict__ g_col, float* __restrict__ ds_rows) {
+  __shared__ float spart[kWarps];
+  const float s = *scale;
+  const int64_t r = blockIdx.x, nseg = cols / seg_len;
+  float* row = dots + r * cols;
+  float ds = 0.f;
+  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    const int64_t seg = j / seg_len;
+    const float dot = row[j], x = s * dot;
+    float w = softmax_weight(x, lse_row[r * nseg + seg], g_row[r * nseg + seg]);
+    if (lse_col != nullptr) w += softmax_weight(x, lse_col[j], g_col[j]);
+    ds += w * dot;
+    row[j] = w;
+  }
+  ds = warp_sum(ds);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) spart[warp] = ds;
+  __syncthreads();
+  if (warp == 0) {
+    ds = warp_sum(lane < kWarps ? spart[lane] : 0.f);
+    if (lane == 0) ds_rows[r] = ds;
+  }
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "himo_fast CUDA kernel: ", name, " must be a contiguous float32 CUDA tensor");
+}
+
+void cuda_row_lse(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& out) {
+  check_float(dots, "dots");
+  if (dots.size(0) == 0) return;
+  row_lse_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void cuda_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& cmax,
+                    at::Tensor& csum) {
+  check_float(dots, "dots");
+  const int64_t cols = dots.size(1);
+  const int64_t blocks = (cols + kThreads - 1) / kThreads;
+  col_merge_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dots.data_ptr<float>(), dots.size(0), cols, scale.data_ptr<float>(),
+      cmax.data_ptr<float>(), csum.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void cuda_softmax_grad(at::Tensor& dots, int64_t seg_len, const at::Tensor& scale,
+                       const at::Tensor& lse_row, const at::Tensor& g_row,
+                       const at::Tensor& lse_col, const at::Tensor& g_col, at::Tensor& ds_rows) {
+  check_float(dots, "dots");
+  const bool with_col = lse_col.defined();
+  softmax_grad_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dots.data_ptr<float>(), dots.size(1), seg_len, scale.data_ptr<float>(),
+      lse_row.data_ptr<float>(), g_row.data_ptr<float>(),
+      with_col ? lse_col.data_ptr<float>() : nullptr, with_col ? g_col.data_ptr<float>() : nullptr,
+      ds_rows.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+const StripKernels& cuda_kernels() {
+  static const StripKernels k{cuda_row_lse, cuda_col_merge, cuda_softmax_grad};
+  return k;
+}
+
+}  // namespace himo

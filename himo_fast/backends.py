@@ -1,0 +1,96 @@
+"""The one dispatch point: which implementation computes HiDe and the dual InfoNCE.
+
+A backend is a pair of functions with the reference's signatures:
+``hide(u, tau) -> u'`` and ``dual_infonce(img_r, txt_r, comp_r, img_c, txt_c, comp_c,
+scale, label_offset, label_smoothing) -> (global, comp)``. ``select`` picks one for a
+device: an explicit name, else $HIMO_FAST_BACKEND, else the first usable one in
+``AUTO_ORDER``. Nothing else in the package looks at devices.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import _extension, dual_infonce, reference
+
+ENV_VAR = "HIMO_FAST_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    hide: Callable
+    dual_infonce: Callable
+    # Returns None when usable on that device type, else the reason it is not.
+    unavailable: Callable[[str], str | None]
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Fastest first, per device type.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def _only_on(device_type: str, need_cuda: bool):
+    def unavailable(kind: str) -> str | None:
+        if kind != device_type:
+            return f"runs on {device_type} tensors only"
+        return _extension.unavailable_reason(need_cuda=need_cuda)
+    return unavailable
+
+
+register(Backend("reference", reference.hide_reference, reference.dual_infonce_reference,
+                 lambda device_type: None))
+# Compiled dual InfoNCE (csrc/): the C++ tile algorithm on CPU, its CUDA twin on GPUs.
+register(Backend("cpu", reference.hide_reference, dual_infonce.dual_infonce,
+                 _only_on("cpu", need_cuda=False)))
+register(Backend("cuda", reference.hide_reference, dual_infonce.dual_infonce,
+                 _only_on("cuda", need_cuda=True)))
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    return torch.device(device).type
+
+
+def known_backends() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def available_backends(device) -> list[str]:
+    """Names of the backends that can run on ``device`` (a device, string or tensor)."""
+    kind = _device_type(device)
+    return [name for name, b in _REGISTRY.items() if b.unavailable(kind) is None]
+
+
+def check_name(backend: str) -> None:
+    if backend != "auto" and backend not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {known_backends()}, got {backend!r}")
+
+
+def select(backend: str, device) -> Backend:
+    """The backend to run on ``device``; raises if an explicitly named one cannot."""
+    kind = _device_type(device)
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        if backend == "auto":
+            for name in AUTO_ORDER.get(kind, ("reference",)):
+                if name in _REGISTRY and _REGISTRY[name].unavailable(kind) is None:
+                    return _REGISTRY[name]
+            return _REGISTRY["reference"]
+        source = f"${ENV_VAR}"
+    else:
+        source = "backend"
+    if backend not in _REGISTRY:
+        raise ValueError(f"{source} must be 'auto' or one of {known_backends()}, got {backend!r}")
+    why = _REGISTRY[backend].unavailable(kind)
+    if why is not None:
+        raise ValueError(f"{source}={backend!r} cannot run on {kind} tensors: {why}")
+    return _REGISTRY[backend]

@@ -1,0 +1,89 @@
+"""The public loss: ``MoLo`` (a drop-in for open_clip's ClipLoss) and ``hide``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import backends
+from .checks import check_config, check_features, check_scalar_tensor, check_tau
+from .distributed import gather, with_local_slice
+
+
+def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -> torch.Tensor:
+    """HiDe: each text reconstructed from the top-m principal components of the batch
+    (m explains a fraction ``tau`` of the variance), mean added back. Same shape as the
+    input, float32 (float64 for float64 input)."""
+    check_features("text_features", text_features)
+    tau = check_tau(tau)
+    backends.check_name(backend)
+    return backends.select(backend, text_features).hide(text_features, tau)
+
+
+class MoLo(nn.Module):
+    """HiMo-CLIP's loss: global InfoNCE + lam * component InfoNCE on HiDe's reconstruction.
+
+    Arguments as open_clip's ClipLoss, plus ``tau``, ``lam``, ``label_smoothing``,
+    ``pca_scope`` ("local": PCA on each rank's batch, the authors' recipe; "global": PCA
+    on the gathered batch, gathered with gradient) and ``backend``. ``cache_labels`` is
+    accepted for compatibility; labels are never materialised by the fused kernels.
+    """
+
+    def __init__(self, tau=0.9, lam=1.0, label_smoothing=0.1, local_loss=False,
+                 gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 pca_scope="local", backend="auto"):
+        super().__init__()
+        cfg = check_config(tau=tau, lam=lam, label_smoothing=label_smoothing,
+                           local_loss=local_loss, gather_with_grad=gather_with_grad,
+                           cache_labels=cache_labels, rank=rank, world_size=world_size,
+                           pca_scope=pca_scope, backend=backend)
+        backends.check_name(cfg["backend"])
+        for key, value in cfg.items():
+            setattr(self, key, value)
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, lam={self.lam}, label_smoothing={self.label_smoothing}, "
+                f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}, "
+                f"rank={self.rank}, world_size={self.world_size}, pca_scope={self.pca_scope!r}, "
+                f"backend={self.backend!r}")
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None,
+                output_dict=False):
+        check_features("image_features", image_features)
+        check_features("text_features", text_features, like=(image_features, "image_features"))
+        check_scalar_tensor("logit_scale", logit_scale, image_features)
+        if logit_bias is not None:
+            check_scalar_tensor("logit_bias", logit_bias, image_features)
+        impl = backends.select(self.backend, image_features)
+
+        v, u = image_features, text_features
+        distributed = self.world_size > 1
+        gather_args = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                           rank=self.rank, world_size=self.world_size)
+        if distributed:
+            all_v, all_u = gather([v, u], **gather_args)
+        else:
+            all_v, all_u = v, u
+
+        if self.pca_scope == "global" and distributed:
+            # PCA over the whole batch; the local slice keeps its gradient path.
+            all_comp = impl.hide(with_local_slice(all_u, u, self.rank), self.tau)
+            b = u.shape[0]
+            comp = all_comp[self.rank * b:(self.rank + 1) * b]
+        else:
+            comp = impl.hide(u, self.tau)
+            all_comp = gather([comp], **gather_args)[0] if distributed else comp
+
+        if distributed and self.local_loss:
+            rows, cols, offset = (v, u, comp), (all_v, all_u, all_comp), self.rank * v.shape[0]
+        else:
+            rows = cols = (all_v, all_u, all_comp)
+            offset = 0
+        glob, comp_loss = impl.dual_infonce(*rows, *cols, logit_scale, offset, self.label_smoothing)
+        if logit_bias is not None:
+            # Softmax cross entropy is invariant to a constant added to every logit: the
+            # bias changes neither value nor gradient (exactly zero), as in ClipLoss.
+            glob = glob + 0.0 * logit_bias.reshape(()).to(glob.dtype)
+        comp_loss = self.lam * comp_loss
+        if output_dict:
+            return {"contrastive_loss": glob, "component_loss": comp_loss}
+        return glob + comp_loss

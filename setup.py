@@ -1,0 +1,93 @@
+"""Builds himo_fast and its compiled extension ``himo_fast._C``.
+
+The CPU kernels are always built. The CUDA kernels are added when the installed torch is
+a CUDA build and nvcc is found, unless HIMO_FAST_SKIP_CUDA=1. Architectures: the visible
+GPUs' when there are any, else Hopper (sm_90a) and Ampere (sm_80); HIMO_FAST_CUDA_ARCHS
+(e.g. "90a;80") overrides. The torch version built against is recorded in
+himo_fast/_build_info.py and checked at import.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+
+def _locate_cuda_home():
+    """A CUDA_HOME that holds the runtime library: torch guesses it from nvcc's folder,
+    wrong where nvcc on the PATH is a wrapper or link (/usr/local/bin/nvcc)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "lib64" / "libcudart.so").exists() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_locate_cuda_home()
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - message for users of plain `pip install .`
+    sys.exit("himo_fast needs torch to build; install torch first, then "
+             "`pip install --no-build-isolation .`")
+
+ROOT = Path(__file__).parent
+
+
+def cuda_archs():
+    env = os.environ.get("HIMO_FAST_CUDA_ARCHS", "").strip()
+    if env:
+        return [a.strip() for a in env.replace(",", ";").split(";") if a.strip()]
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return sorted(f"{major}{minor}{'a' if major == 9 else ''}" for major, minor in caps)
+    return ["90a", "80"]
+
+
+def gencode(arch):
+    return f"-gencode=arch=compute_{arch},code=sm_{arch}"
+
+
+def with_cuda():
+    if os.environ.get("HIMO_FAST_SKIP_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp"]
+    cxx = ["-O3", "-fopenmp"]
+    extra = {"cxx": cxx}
+    if with_cuda():
+        sources.append("csrc/dual_infonce_cuda.cu")
+        cxx.append("-DHIMO_WITH_CUDA")
+        extra["nvcc"] = ["-O3", "-DHIMO_WITH_CUDA", "--use_fast_math"] + [
+            gencode(a) for a in cuda_archs()]
+        cls = cpp_extension.CUDAExtension
+    else:
+        cls = cpp_extension.CppExtension
+    return cls("himo_fast._C", sources, extra_compile_args=extra,
+               extra_link_args=["-fopenmp"], include_dirs=[str(ROOT / "csrc")])
+
+
+def write_build_info(cuda):
+    (ROOT / "himo_fast" / "_build_info.py").write_text(
+        '"""Written by setup.py: what himo_fast._C was compiled against."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_KERNELS = {cuda!r}\n")
+
+
+ext = extension()
+write_build_info(isinstance(ext.sources, list) and any(s.endswith(".cu") for s in ext.sources))
+setup(
+    packages=["himo_fast", "himo_fast.kernels"],
+    package_dir={"himo_fast": "himo_fast", "himo_fast.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
