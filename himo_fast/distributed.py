@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (all_gather with gradient)
 
 
 def gather(features, *, local_loss: bool, gather_with_grad: bool, rank: int, world_size: int):

@@ -60,10 +60,12 @@ def dual_lse(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, strip_rows: int 
                                         strip_rows)
 
 
-def _branch(lse_ab, lse_ba, a_rows, b_rows, a_cols, b_cols, scale, labels, eps):
+def _branch(lse_ab, lse_ba, a_rows, b_rows, a_cols, b_cols, scale, offset, eps):
     """½ mean over rows of the two label-smoothed cross entropies of one branch."""
-    target_ab = (a_rows * b_cols[labels]).sum(-1)
-    target_ba = (b_rows * a_cols[labels]).sum(-1)
+    # Labels are offset + arange(B): the label columns are a contiguous slice (a view).
+    n = a_rows.shape[0]
+    target_ab = (a_rows * b_cols.narrow(0, offset, n)).sum(-1)
+    target_ba = (b_rows * a_cols.narrow(0, offset, n)).sum(-1)
     mean_ab = a_rows @ b_cols.mean(0)
     mean_ba = b_rows @ a_cols.mean(0)
     linear = (1.0 - eps) * (target_ab + target_ba) + eps * (mean_ab + mean_ba)
@@ -82,7 +84,6 @@ def dual_infonce(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, label_offset
     lse = dual_lse(*rows, *((None,) * 3 if square else cols), s, strip_rows)
     v, t, c = (x.to(acc) for x in rows)
     vc, tc, cc = (v, t, c) if square else (x.to(acc) for x in cols)
-    labels = label_offset + torch.arange(v.shape[0], device=v.device)
-    glob = _branch(lse[0], lse[1], v, t, vc, tc, s, labels, label_smoothing)
-    comp = _branch(lse[2], lse[3], v, c, vc, cc, s, labels, label_smoothing)
+    glob = _branch(lse[0], lse[1], v, t, vc, tc, s, label_offset, label_smoothing)
+    comp = _branch(lse[2], lse[3], v, c, vc, cc, s, label_offset, label_smoothing)
     return glob, comp

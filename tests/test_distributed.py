@@ -1,0 +1,79 @@
+"""Two gloo processes: the distributed modes against single-process / per-rank truths."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD, B, D = 2, 6, 10
+
+
+def _features():
+    g = torch.Generator().manual_seed(1234)
+    mk = lambda: torch.nn.functional.normalize(torch.randn(WORLD * B, D, generator=g, dtype=torch.float64), dim=-1)
+    return mk(), mk()
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _grads(loss, *leaves):
+    loss.backward()
+    return [t.grad.clone() for t in leaves]
+
+
+def _worker(rank, init_file, backends):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import himo_fast
+    from official import official_hide, official_loss
+    from conftest import loss_rel, rel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    V, U = _features()
+    sl = slice(rank * B, (rank + 1) * B)
+    for backend in backends:
+        # 1. The authors' recipe: local loss, no-grad gather, per-rank PCA.
+        v, u, s = _leaf(V[sl]), _leaf(U[sl]), _leaf(torch.tensor(9.0, dtype=torch.float64))
+        loss = himo_fast.MoLo(local_loss=True, gather_with_grad=False, rank=rank, world_size=WORLD,
+                              backend=backend)(v, u, s)
+        ours = [loss.detach()] + _grads(loss, v, u, s)
+        v2, u2, s2 = _leaf(V[sl]), _leaf(U[sl]), _leaf(torch.tensor(9.0, dtype=torch.float64))
+        all_comp = torch.cat([official_hide(U[r * B:(r + 1) * B], 0.9) for r in range(WORLD)]).detach()
+        ref_loss = sum(official_loss(v2, u2, s2, comp=official_hide(u2, 0.9), all_image=V, all_text=U,
+                                     all_comp=all_comp, rank=rank))
+        ref = [ref_loss.detach()] + _grads(ref_loss, v2, u2, s2)
+        assert loss_rel(ours[0], ref[0]) <= 1e-8, (backend, "recipe loss")
+        for a, b in zip(ours[1:], ref[1:]):
+            assert rel(a, b) <= 1e-8, (backend, "recipe grad")
+
+        # 2. Global PCA with gradient through the gather equals the whole-batch loss.
+        Vw, Uw, sw = _leaf(V), _leaf(U), _leaf(torch.tensor(9.0, dtype=torch.float64))
+        whole = himo_fast.MoLo(backend="reference")(Vw, Uw, sw)
+        whole_g = _grads(whole, Vw, Uw, sw)
+        for local_loss in (False, True):
+            v, u, s = _leaf(V[sl]), _leaf(U[sl]), _leaf(torch.tensor(9.0, dtype=torch.float64))
+            loss = himo_fast.MoLo(local_loss=local_loss, gather_with_grad=True, rank=rank,
+                                  world_size=WORLD, pca_scope="global", backend=backend)(v, u, s)
+            gv, gu, gs = _grads(loss, v, u, s)
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= WORLD
+            assert loss_rel(mean_loss, whole.detach()) <= 1e-8, (backend, local_loss)
+            if not local_loss:
+                assert loss_rel(loss.detach(), whole.detach()) <= 1e-8
+            assert rel(gv, WORLD * whole_g[0][sl]) <= 1e-8, (backend, local_loss, "v")
+            assert rel(gu, WORLD * whole_g[1][sl]) <= 1e-8, (backend, local_loss, "u")
+            dist.all_reduce(gs)  # summed over ranks: world_size x the whole-batch gradient
+            assert rel(gs, WORLD * whole_g[2]) <= 1e-8, (backend, local_loss, "scale")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_modes():
+    import himo_fast
+    backends = [b for b in ("reference", "cpu") if b in himo_fast.available_backends("cpu")]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)

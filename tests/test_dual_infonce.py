@@ -1,0 +1,157 @@
+"""The compiled dual InfoNCE (csrc/) against the reference: CPU here, CUDA on a GPU."""
+import pytest
+import torch
+
+import himo_fast
+from himo_fast.dual_infonce import dual_infonce, dual_lse
+from himo_fast.reference import dual_infonce_reference
+from conftest import pairs, rel
+
+pytestmark = pytest.mark.skipif("cpu" not in himo_fast.available_backends("cpu"),
+                                reason="compiled extension not built")
+TOL = {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _inputs(B, N, d, dtype, device="cpu", square=True):
+    mk = lambda n: torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
+    rows = [mk(B) for _ in range(3)]
+    cols = rows if square else [torch.cat([mk(N - B)[: (N - B) // 2], r, mk(N - B)[(N - B) // 2:]]) for r in rows]
+    cast = lambda ts: [t.to(device=device, dtype=dtype).requires_grad_() for t in ts]
+    rows_c = cast(rows)
+    cols_c = rows_c if square else cast(cols)
+    return rows_c, cols_c
+
+
+def _run(fn, rows, cols, scale, offset, eps, square):
+    leaves = rows + ([] if square else cols) + [scale]
+    for t in leaves:
+        t.grad = None
+    g, c = fn(*rows, *cols, scale, offset, eps)
+    (g + 0.6 * c).backward()
+    return [g.detach(), c.detach()] + [t.grad.clone() for t in leaves]
+
+
+def _compare(B, N, d, dtype, device, square, eps, strip_rows=0):
+    rows, cols = _inputs(B, N, d, dtype, device, square)
+    offset = 0 if square else (N - B) // 2
+    scale = torch.tensor(13.0, dtype=torch.float32 if dtype != torch.float64 else dtype,
+                         device=device, requires_grad=True)
+    ours = _run(lambda *a: dual_infonce(*a, strip_rows=strip_rows), rows, cols, scale, offset, eps, square)
+    up = lambda ts: [t.detach().double().cpu().requires_grad_() for t in ts]
+    rows64 = up(rows)
+    cols64 = rows64 if square else up(cols)
+    s64 = scale.detach().double().cpu().requires_grad_()
+    ref = _run(dual_infonce_reference, rows64, cols64, s64, offset, eps, square)
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        assert rel(a.cpu(), b) <= TOL[dtype], (a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("square", [True, False])
+@pytest.mark.parametrize("B,N,d,strip", [(1, 3, 5, 0), (7, 21, 13, 3), (33, 65, 31, 8), (50, 150, 64, 0)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cpu_matches_reference(dtype, square, B, N, d, strip, eps):
+    _compare(B, B if square else N, d, dtype, "cpu", square, eps, strip)
+
+
+def test_opcheck_both_modes():
+    for square in (True, False):
+        rows, cols = _inputs(9, 27, 11, torch.float64, square=square)
+        scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        args = (*rows, *((None,) * 3 if square else cols), scale, 4)
+        torch.library.opcheck(torch.ops.himo_fast.dual_lse.default, args)
+
+
+def test_gradcheck_float64():
+    rows, cols = _inputs(5, 15, 7, torch.float64, square=False)
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:6], a[6], 2), (*rows, *cols, scale))
+    rows, _ = _inputs(6, 6, 5, torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:3], None, None, None, a[3], 4), (*rows, scale))
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    v, u = pairs(24, 16, torch.float32)
+    s = torch.tensor(11.0, requires_grad=True)
+    loss = himo_fast.MoLo(backend="cpu")
+    compiled_loss = torch.compile(loss, fullgraph=True)  # AOTAutograd compiles the backward
+
+    def step(fn):
+        for t in (v, u, s):
+            t.grad = None
+        out = fn(v, u, s)
+        out.backward()
+        return [out.detach()] + [t.grad.clone() for t in (v, u, s)]
+
+    eager = step(loss)
+    compiled = step(compiled_loss)
+    for a, b in zip(compiled, eager):
+        assert rel(a, b) <= 1e-5
+
+
+def test_op_rejects_bad_input():
+    rows, cols = _inputs(4, 8, 6, torch.float32, square=False)
+    s = torch.tensor(3.0)
+    bad = [
+        ((rows[0].double(), *rows[1:], *cols, s), TypeError, "dtype"),
+        ((rows[0][:, :5].contiguous(), *rows[1:], *cols, s), ValueError, "feature dim"),
+        ((rows[0].t(), *rows[1:], *cols, s), ValueError, "feature dim|contiguous"),
+        ((torch.randn(4, 12)[:, ::2], *rows[1:], *cols, s), ValueError, "contiguous"),
+        ((*rows, cols[0], None, cols[2], s), ValueError, "all three"),
+        ((*rows, *cols, torch.ones(2)), ValueError, "scale"),
+        ((*rows, *[c[:3] for c in cols], s), ValueError, "columns"),
+        ((rows[0].half(), rows[1].half(), rows[2].half(), None, None, None, s), TypeError, "float32 or float64"),
+    ]
+    for args, exc, needle in bad:
+        with pytest.raises(exc, match=needle):
+            torch.ops.himo_fast.dual_lse(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+MEMORY_PROBE = """
+import sys, torch
+from himo_fast.dual_infonce import dual_infonce
+def kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+torch.manual_seed(0)
+N, d, strip = 8192, 256, int(sys.argv[1])
+f = [torch.nn.functional.normalize(torch.randn(N, d), dim=-1).requires_grad_() for _ in range(3)]
+s = torch.tensor(10.0, requires_grad=True)
+w = [t[:64].detach().clone().requires_grad_() for t in f]
+g, c = dual_infonce(*w, *w, s, 0, 0.1)  # warm-up on a tiny batch: thread pools, libraries
+(g + c).backward()
+base = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+g, c = dual_infonce(*f, *f, s, 0, 0.1, strip_rows=strip)
+(g + c).backward()
+print(base, kib("VmHWM"))
+"""
+
+
+def _peak_extra_bytes(strip_rows):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(strip_rows)],
+                         capture_output=True, text=True, check=True)
+    base, peak = map(int, out.stdout.split()[-2:])
+    return (peak - base) * 1024
+
+
+def test_memory_stays_far_below_one_n_by_n_matrix():
+    # N=8192, d=256, square, forward + backward. Inputs are 3 x 8 MiB, their gradients
+    # 3 x 8 MiB more; one N x N fp32 matrix is 256 MiB.
+    n_by_n = 8192 * 8192 * 4
+    extra = _peak_extra_bytes(0)
+    print(f"peak extra {extra / 2**20:.1f} MiB vs one N x N fp32 matrix {n_by_n / 2**20:.0f} MiB")
+    assert 0 < extra < n_by_n / 2
+    # The probe can see a violation: one strip of all rows holds 2 N x N matrices.
+    assert _peak_extra_bytes(8192) > n_by_n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("square", [True, False])
+def test_cuda_matches_reference(cuda, dtype, square):
+    for B, N, d, strip in [(1, 3, 5, 0), (33, 99, 31, 8), (257, 771, 96, 0)]:
+        _compare(B, B if square else N, d, dtype, cuda, square, 0.1, strip)

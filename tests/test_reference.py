@@ -1,0 +1,128 @@
+"""himo_fast.reference against an independent transcription of the authors' code."""
+import pytest
+import torch
+
+import himo_fast
+from himo_fast.reference import hide_components, hide_reference
+from conftest import loss_rel, pairs, rel
+from official import official_hide, official_loss, official_m
+
+TOL = {torch.float64: 1e-8, torch.float32: 2e-4}
+
+
+def _grads(fn, v, u, s):
+    for t in (v, u, s):
+        t.grad = None
+    out = fn(v, u, s)
+    total = out[0] + out[1]
+    total.backward()
+    return [total.detach()] + [t.grad.clone() for t in (v, u, s)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,d,tau,lam,eps", [
+    (2, 8, 0.9, 1.0, 0.1), (16, 32, 0.9, 1.0, 0.1), (37, 53, 0.5, 0.3, 0.0),
+    (64, 24, 0.99, 2.0, 0.2), (33, 33, 0.7, 1.0, 0.1), (128, 96, 0.9, 1.0, 0.1)])
+def test_loss_matches_official(dtype, n, d, tau, lam, eps):
+    v, u = pairs(n, d, dtype)
+    s = torch.tensor(14.0, dtype=dtype, requires_grad=True)
+    ours = _grads(lambda a, b, c: list(himo_fast.MoLo(tau=tau, lam=lam, label_smoothing=eps,
+                                                       backend="reference")(a, b, c, output_dict=True).values()), v, u, s)
+    ref = _grads(lambda a, b, c: official_loss(a, b, c, tau=tau, lam=lam, eps=eps), v, u, s)
+    assert loss_rel(ours[0], ref[0]) <= TOL[dtype]
+    for a, b in zip(ours[1:], ref[1:]):
+        assert torch.isfinite(a).all()
+        assert rel(a, b) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("n,d", [(12, 40), (40, 12), (17, 17)])
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+def test_hide_matches_official_and_m(n, d, tau):
+    _, u = pairs(n, d, requires_grad=False)
+    assert rel(hide_reference(u, tau), official_hide(u, tau)) <= 1e-10
+    assert int(hide_components(u, tau)) == official_m(u, tau)
+
+
+@pytest.mark.parametrize("n,d", [(6, 9), (9, 5)])
+def test_gradcheck_hide_and_molo(n, d):
+    v, u = pairs(n, d)
+    s = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: hide_reference(x, 0.8), (u,))
+    loss = himo_fast.MoLo(tau=0.8, backend="reference")
+    assert torch.autograd.gradcheck(lambda a, b, c: loss(a, b, c), (v, u, s))
+
+
+def _degenerate_batches():
+    _, u = pairs(8, 16, requires_grad=False)
+    v, _ = pairs(8, 16, requires_grad=False)
+    one = torch.nn.functional.normalize(torch.randn(1, 16, dtype=torch.float64), dim=-1)
+    same = one.expand(8, 16).clone()
+    dup = torch.cat([u[:4], u[:4]])
+    direction = torch.nn.functional.normalize(torch.randn(2, 16, dtype=torch.float64), dim=-1)
+    rank_one = torch.nn.functional.normalize(direction[0] + torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None] * direction[1], dim=-1)
+    return {
+        "one_pair": (v[:1], one, 0.9),
+        "identical_captions": (v, same, 0.9),
+        "duplicated_pairs": (torch.cat([v[:4], v[:4]]), dup, 0.9),
+        "tau_one": (v, u, 1.0),
+        "rank_one": (v, rank_one, 0.9),
+    }
+
+
+@pytest.mark.parametrize("name", list(_degenerate_batches()))
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_degenerate_batches_finite_and_official_value(name, backend):
+    if backend not in himo_fast.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    v, u, tau = _degenerate_batches()[name]
+    v, u = v.clone().requires_grad_(), u.clone().requires_grad_()
+    s = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    out = himo_fast.MoLo(tau=tau, backend=backend)(v, u, s)
+    out.backward()
+    with torch.no_grad():
+        expected = sum(official_loss(v, u, s, tau=tau))
+    assert loss_rel(out, expected) <= 1e-8
+    for t in (v, u, s):
+        assert torch.isfinite(t.grad).all(), name
+
+
+def test_tau_one_reconstructs_exactly_with_identity_gradient():
+    _, u = pairs(10, 30)
+    out = hide_reference(u, 1.0)
+    assert rel(out, u) <= 1e-10
+    w = torch.randn_like(u)
+    (out * w).sum().backward()
+    assert rel(u.grad, w) <= 1e-8
+
+
+def test_official_svd_gradient_is_nan_where_ours_is_finite():
+    # Documents why the exact subspace gradient exists: identical captions break SVD.
+    u = torch.nn.functional.normalize(torch.randn(1, 8, dtype=torch.float64), dim=-1).expand(4, 8).clone().requires_grad_()
+    official_hide(u, 0.9).sum().backward()
+    assert not torch.isfinite(u.grad).all()
+    u2 = u.detach().clone().requires_grad_()
+    (hide_reference(u2, 0.9) * torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    assert torch.isfinite(u2.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_features_never_give_a_finite_loss(backend):
+    if backend not in himo_fast.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    v, u = pairs(8, 16, torch.float32, requires_grad=False)
+    for target in (v, u):
+        bad = target.clone()
+        bad[3, 2] = float("nan")
+        args = (bad, u) if target is v else (v, bad)
+        out = himo_fast.MoLo(backend=backend)(*args, torch.tensor(10.0))
+        assert not torch.isfinite(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_within_2e_2(dtype):
+    v, u = pairs(32, 48, torch.float64, requires_grad=False)
+    s = torch.tensor(14.0)
+    ref = sum(official_loss(v, u, s.double()))
+    ours = himo_fast.MoLo(backend="reference")(v.to(dtype), u.to(dtype), s)
+    assert ours.dtype == torch.float32
+    assert loss_rel(ours, ref) <= 2e-2
