@@ -69,6 +69,21 @@ def _worker(rank, init_file, backends):
             assert rel(gu, WORLD * whole_g[1][sl]) <= 1e-8, (backend, local_loss, "u")
             dist.all_reduce(gs)  # summed over ranks: world_size x the whole-batch gradient
             assert rel(gs, WORLD * whole_g[2]) <= 1e-8, (backend, local_loss, "scale")
+        # 3. label_smoothing=0: the global branch is open_clip's ClipLoss, every flag combination.
+        from open_clip.loss import ClipLoss
+        for local_loss in (False, True):
+            for with_grad in (False, True):
+                flags = dict(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=WORLD)
+                v, u, s = _leaf(V[sl]), _leaf(U[sl]), _leaf(torch.tensor(9.0, dtype=torch.float64))
+                ours = himo_fast.MoLo(label_smoothing=0.0, backend=backend, **flags)(
+                    v, u, s, output_dict=True)["contrastive_loss"]
+                g_ours = _grads(ours, v, u, s)
+                v2, u2, s2 = _leaf(V[sl]), _leaf(U[sl]), _leaf(torch.tensor(9.0, dtype=torch.float64))
+                theirs = ClipLoss(**flags)(v2, u2, s2)
+                g_theirs = _grads(theirs, v2, u2, s2)
+                assert loss_rel(ours.detach(), theirs.detach()) <= 1e-12, (backend, flags)
+                for a, b in zip(g_ours, g_theirs):
+                    assert rel(a, b) <= 1e-10, (backend, flags)
     dist.destroy_process_group()
 
 
