@@ -72,8 +72,9 @@ def test_gradcheck_float64():
 
 
 def test_torch_compile_fullgraph_equals_eager():
-    v, u = pairs(24, 16, torch.float32)
-    s = torch.tensor(11.0, requires_grad=True)
+    # float64, so that a real difference is not lost in the reordering compile may do.
+    v, u = pairs(24, 16, torch.float64)
+    s = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
     loss = himo_fast.MoLo(backend="cpu")
     compiled_loss = torch.compile(loss, fullgraph=True)  # AOTAutograd compiles the backward
 
@@ -87,7 +88,7 @@ def test_torch_compile_fullgraph_equals_eager():
     eager = step(loss)
     compiled = step(compiled_loss)
     for a, b in zip(compiled, eager):
-        assert rel(a, b) <= 1e-5
+        assert rel(a, b) <= 1e-10
 
 
 def test_op_rejects_bad_input():
@@ -133,8 +134,10 @@ print(base, kib("VmHWM"))
 def _peak_extra_bytes(strip_rows):
     import subprocess
     import sys
+    import tempfile
+    # Run outside the checkout so the installed package (with its extension) is imported.
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(strip_rows)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     base, peak = map(int, out.stdout.split()[-2:])
     return (peak - base) * 1024
 
