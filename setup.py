@@ -3,7 +3,8 @@
 The CPU kernels are always built. The CUDA kernels are added when the installed torch is
 a CUDA build and nvcc is found, unless HIMO_FAST_SKIP_CUDA=1. Architectures: the visible
 GPUs' when there are any, else Hopper (sm_90a) and Ampere (sm_80); HIMO_FAST_CUDA_ARCHS
-(e.g. "90a;80") overrides. The torch version built against is recorded in
+(e.g. "90a;80") overrides. The CPU kernels use AVX2+FMA vectors when the build machine
+has them (HIMO_FAST_CPU_VECTOR=avx2|default overrides). The torch version built against is recorded in
 himo_fast/_build_info.py and checked at import.
 """
 import os
@@ -54,6 +55,22 @@ def gencode(arch):
     return f"-gencode=arch=compute_{arch},code=sm_{arch}"
 
 
+def cpu_vector_flags():
+    """at::vec picks its implementation at compile time: AVX2 where the build CPU has it."""
+    choice = os.environ.get("HIMO_FAST_CPU_VECTOR", "").strip().lower()
+    if not choice:
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            flags = []
+        choice = "avx2" if {"avx2", "fma"} <= set(flags) else "default"
+    if choice == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    if choice != "default":
+        raise SystemExit(f"HIMO_FAST_CPU_VECTOR must be avx2 or default, got {choice!r}")
+    return []
+
+
 def with_cuda():
     if os.environ.get("HIMO_FAST_SKIP_CUDA", "0") == "1":
         return False
@@ -62,7 +79,7 @@ def with_cuda():
 
 def extension():
     sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp"]
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"] + cpu_vector_flags()
     extra = {"cxx": cxx}
     if with_cuda():
         sources.append("csrc/dual_infonce_cuda.cu")

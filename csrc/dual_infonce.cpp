@@ -3,6 +3,8 @@
 #include "dual_infonce.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 
@@ -17,19 +19,39 @@ constexpr int64_t kCpuStripElements = int64_t(1) << 20;
 constexpr int64_t kCudaStripElements = int64_t(1) << 25;
 
 // ---------------------------------------------------------------- CPU kernels
+//
+// Vectorised (at::vec, AVX2/AVX-512 as the CPU allows) two-pass versions of the tile
+// math: max first, then the sum of exponentials, per row or per column block. Same
+// values as the online form of tile_math.h, which the GPU kernels use; both are tested
+// against the reference.
+
+using at::vec::Vectorized;
 
 template <typename acc_t>
 void cpu_row_lse_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& out) {
-  const int64_t rows = dots.size(0), len = dots.size(1);
+  using V = Vectorized<acc_t>;
+  const int64_t rows = dots.size(0), len = dots.size(1), vlen = len - len % V::size();
   const acc_t s = scale.item<acc_t>();
   const acc_t* d = dots.data_ptr<acc_t>();
   acc_t* o = out.data_ptr<acc_t>();
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    const V vs(s);
     for (int64_t r = r0; r < r1; ++r) {
-      LseState<acc_t> st = lse_empty<acc_t>();
       const acc_t* row = d + r * len;
-      for (int64_t j = 0; j < len; ++j) st = lse_push(st, s * row[j]);
-      o[r] = lse_value(st);
+      V vmax(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t j = 0; j < vlen; j += V::size()) vmax = at::vec::maximum(vmax, vs * V::loadu(row + j));
+      acc_t mx = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+      for (int64_t j = vlen; j < len; ++j) mx = std::max(mx, s * row[j]);
+      if (std::isnan(mx) || mx == -std::numeric_limits<acc_t>::infinity()) {
+        o[r] = mx;  // NaN in, NaN out; a row of -inf logits has lse -inf
+        continue;
+      }
+      const V vmx(mx);
+      V vsum(acc_t(0));
+      for (int64_t j = 0; j < vlen; j += V::size()) vsum = vsum + (vs * V::loadu(row + j) - vmx).exp();
+      acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, vsum);
+      for (int64_t j = vlen; j < len; ++j) sum += std::exp(s * row[j] - mx);
+      o[r] = mx + std::log(sum);
     }
   });
 }
@@ -37,29 +59,49 @@ void cpu_row_lse_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tenso
 template <typename acc_t>
 void cpu_col_merge_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& col_max,
                         at::Tensor& col_sum) {
+  using V = Vectorized<acc_t>;
   const int64_t rows = dots.size(0), cols = dots.size(1);
   const acc_t s = scale.item<acc_t>();
   const acc_t* d = dots.data_ptr<acc_t>();
   acc_t* cm = col_max.data_ptr<acc_t>();
   acc_t* cs = col_sum.data_ptr<acc_t>();
-  at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const acc_t* row = d + r * cols;
-      for (int64_t j = c0; j < c1; ++j) {
-        LseState<acc_t> st = lse_push(LseState<acc_t>{cm[j], cs[j]}, s * row[j]);
-        cm[j] = st.max;
-        cs[j] = st.sum;
+  // Column blocks of whole vectors; each block: new max = max(running, strip), then
+  // sum = running_sum * exp(running_max - new) + sum_r exp(s x - new).
+  constexpr int64_t kBlock = 256;
+  at::parallel_for(0, (cols + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    acc_t mx[kBlock], sm[kBlock];
+    const V vs(s);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kBlock, n = std::min(kBlock, cols - c0);
+      const int64_t vn = n - n % V::size();
+      for (int64_t j = 0; j < n; ++j) mx[j] = cm[c0 + j];
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* row = d + r * cols + c0;
+        for (int64_t j = 0; j < vn; j += V::size())
+          at::vec::maximum(V::loadu(mx + j), vs * V::loadu(row + j)).store(mx + j);
+        for (int64_t j = vn; j < n; ++j) mx[j] = std::max(mx[j], s * row[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) sm[j] = cs[c0 + j] * rescale(cm[c0 + j], mx[j]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* row = d + r * cols + c0;
+        for (int64_t j = 0; j < vn; j += V::size())
+          (V::loadu(sm + j) + (vs * V::loadu(row + j) - V::loadu(mx + j)).exp()).store(sm + j);
+        for (int64_t j = vn; j < n; ++j) sm[j] += std::exp(s * row[j] - mx[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        cm[c0 + j] = mx[j];
+        cs[c0 + j] = sm[j];
       }
     }
   });
 }
 
 template <typename acc_t>
-void cpu_softmax_grad_impl(at::Tensor& dots, int64_t seg_len, const at::Tensor& scale,
-                           const at::Tensor& lse_row, const at::Tensor& g_row,
-                           const at::Tensor& lse_col, const at::Tensor& g_col,
-                           at::Tensor& ds_rows) {
-  const int64_t rows = dots.size(0), cols = dots.size(1), nseg = cols / seg_len;
+void cpu_softmax_grad_impl(at::Tensor& dots, const at::Tensor& scale, const at::Tensor& lse_row,
+                           const at::Tensor& g_row, const at::Tensor& lse_col,
+                           const at::Tensor& g_col, at::Tensor& ds_rows) {
+  using V = Vectorized<acc_t>;
+  const int64_t rows = dots.size(0), cols = dots.size(1), vcols = cols - cols % V::size();
   const acc_t s = scale.item<acc_t>();
   acc_t* d = dots.data_ptr<acc_t>();
   const acc_t* lr = lse_row.data_ptr<acc_t>();
@@ -69,18 +111,26 @@ void cpu_softmax_grad_impl(at::Tensor& dots, int64_t seg_len, const at::Tensor& 
   const acc_t* gc = with_col ? g_col.data_ptr<acc_t>() : nullptr;
   acc_t* dsr = ds_rows.data_ptr<acc_t>();
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    const V vs(s);
     for (int64_t r = r0; r < r1; ++r) {
-      acc_t ds = 0;
       acc_t* row = d + r * cols;
-      for (int64_t seg = 0; seg < nseg; ++seg) {
-        const acc_t l = lr[r * nseg + seg], g = gr[r * nseg + seg];
-        for (int64_t j = seg * seg_len; j < (seg + 1) * seg_len; ++j) {
-          const acc_t x = s * row[j];
-          acc_t w = softmax_weight(x, l, g);
-          if (with_col) w += softmax_weight(x, lc[j], gc[j]);
-          ds += w * row[j];
-          row[j] = w;
-        }
+      const acc_t l = lr[r], g = gr[r];
+      const V vl(l), vg(g);
+      V vds(acc_t(0));
+      for (int64_t j = 0; j < vcols; j += V::size()) {
+        const V dot = V::loadu(row + j), x = vs * dot;
+        V w = vg * (x - vl).exp();  // softmax_weight, vectorised
+        if (with_col) w = w + V::loadu(gc + j) * (x - V::loadu(lc + j)).exp();
+        vds = vds + w * dot;
+        w.store(row + j);
+      }
+      acc_t ds = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, vds);
+      for (int64_t j = vcols; j < cols; ++j) {
+        const acc_t x = s * row[j];
+        acc_t w = softmax_weight(x, l, g);
+        if (with_col) w += softmax_weight(x, lc[j], gc[j]);
+        ds += w * row[j];
+        row[j] = w;
       }
       dsr[r] = ds;
     }
@@ -101,11 +151,11 @@ void cpu_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& 
                    at::Tensor& cs) {
   HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_col_merge_impl, dots, scale, cm, cs);
 }
-void cpu_softmax_grad(at::Tensor& dots, int64_t seg_len, const at::Tensor& scale,
-                      const at::Tensor& lse_row, const at::Tensor& g_row,
-                      const at::Tensor& lse_col, const at::Tensor& g_col, at::Tensor& ds_rows) {
-  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_softmax_grad_impl, dots, seg_len, scale, lse_row,
-                    g_row, lse_col, g_col, ds_rows);
+void cpu_softmax_grad(at::Tensor& dots, const at::Tensor& scale, const at::Tensor& lse_row,
+                      const at::Tensor& g_row, const at::Tensor& lse_col, const at::Tensor& g_col,
+                      at::Tensor& ds_rows) {
+  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_softmax_grad_impl, dots, scale, lse_row, g_row,
+                    lse_col, g_col, ds_rows);
 }
 
 // ---------------------------------------------------------------- driver
@@ -136,12 +186,12 @@ int64_t strip_rows(const at::Tensor& t, int64_t rows, int64_t cols, int64_t requ
   return std::max<int64_t>(1, std::min(rows, budget / std::max<int64_t>(cols, 1)));
 }
 
-// Row log-sum-exps of s·R·Cᵀ, C made of `nseg` column segments (one lse per row and
-// segment, row-major), and optionally the log-sum-exp of every column.
-void job_forward(const at::Tensor& R, const at::Tensor& C, int64_t nseg, const at::Tensor& scale,
-                 at::Tensor& lse_rows, at::Tensor* lse_cols, int64_t requested_rows) {
+// Row log-sum-exps of s·R·Cᵀ and, when asked, the log-sum-exp of every column (the
+// square case: the transposed matrix's rows come from the same strips).
+void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
+                 at::Tensor lse_rows, at::Tensor* lse_cols, int64_t requested_rows) {
   const StripKernels& k = kernels_for(R);
-  const int64_t B = R.size(0), N = C.size(0), seg_len = N / nseg;
+  const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
   const auto acc = acc_type(R);
   at::Tensor col_max, col_sum;
@@ -153,21 +203,21 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, int64_t nseg, const a
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
     at::Tensor dots = mm_acc(R.narrow(0, r0, rn), Ct);
-    at::Tensor out = lse_rows.narrow(0, r0 * nseg, rn * nseg);
-    k.row_lse(dots.view({rn * nseg, seg_len}), scale, out);
+    at::Tensor out = lse_rows.narrow(0, r0, rn);
+    k.row_lse(dots, scale, out);
     if (lse_cols != nullptr) k.col_merge(dots, scale, col_max, col_sum);
   }
   if (lse_cols != nullptr) *lse_cols = col_max + at::log(col_sum);
 }
 
 // Gradients of sum(g_rows * lse_rows) (+ sum(g_cols * lse_cols)) with respect to R, C and
-// the scale, recomputing each strip of logits.
-void job_backward(const at::Tensor& R, const at::Tensor& C, int64_t nseg, const at::Tensor& scale,
+// the scale, recomputing each strip of logits. dR is overwritten, dC accumulated into.
+void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
                   const at::Tensor& lse_rows, const at::Tensor& g_rows, const at::Tensor& lse_cols,
                   const at::Tensor& g_cols, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
                   int64_t requested_rows) {
   const StripKernels& k = kernels_for(R);
-  const int64_t B = R.size(0), N = C.size(0), seg_len = N / nseg;
+  const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
   const auto acc = acc_type(R);
   const bool low_precision = R.scalar_type() != acc;
@@ -178,8 +228,8 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, int64_t nseg, const 
     const at::Tensor Rb = R.narrow(0, r0, rn);
     at::Tensor w = mm_acc(Rb, Ct);
     at::Tensor ds = ds_rows.narrow(0, 0, rn);
-    k.softmax_grad(w, seg_len, scale, lse_rows.narrow(0, r0 * nseg, rn * nseg),
-                   g_rows.narrow(0, r0 * nseg, rn * nseg), lse_cols, g_cols, ds);
+    k.softmax_grad(w, scale, lse_rows.narrow(0, r0, rn), g_rows.narrow(0, r0, rn), lse_cols,
+                   g_cols, ds);
     dscale.add_(ds.sum());
     // Like flash-attention, the weights go back to the input precision for the
     // tensor-core products; accumulation stays in fp32.
@@ -199,26 +249,37 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, int64_t nseg, const 
 
 // ---------------------------------------------------------------- checks
 
-void check_features(const char* name, const at::Tensor& t, const at::Tensor& like) {
+void check_features(const char* name, const at::Tensor& t, const at::Tensor& like,
+                    const char* like_name, bool same_width) {
   TORCH_CHECK_VALUE(t.dim() == 2, "himo_fast dual_lse: ", name, " must be 2-D, got shape ",
                     t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "himo_fast dual_lse: ", name,
                    " has dtype ", t.scalar_type(), " but img_r has ", like.scalar_type());
   TORCH_CHECK_VALUE(t.device() == like.device(), "himo_fast dual_lse: ", name, " is on ",
                     t.device(), " but img_r is on ", like.device());
-  TORCH_CHECK_VALUE(t.size(1) == like.size(1), "himo_fast dual_lse: ", name,
-                    " has feature dim ", t.size(1), " but img_r has ", like.size(1));
+  if (same_width) {
+    TORCH_CHECK_VALUE(t.size(1) == like.size(1), "himo_fast dual_lse: ", name,
+                      " has feature dim ", t.size(1), " but ", like_name, " has ", like.size(1));
+  }
   TORCH_CHECK_VALUE(t.is_contiguous(), "himo_fast dual_lse: ", name, " must be contiguous");
 }
 
-struct Inputs {
+// One branch of the dual InfoNCE: rows (a_r, b_r) against columns (a_c, b_c); logits are
+// s·a_r·b_cᵀ and s·b_r·a_cᵀ. Square case: the columns are the rows.
+struct Branch {
+  at::Tensor a_r, b_r, a_c, b_c;
   bool square;
+};
+
+struct Inputs {
+  Branch global, comp;
   int64_t B, N;
 };
 
-Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& comp_r,
-                    const c10::optional<at::Tensor>& img_c,
+Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
+                    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
                     const c10::optional<at::Tensor>& txt_c,
+                    const c10::optional<at::Tensor>& cimg_c,
                     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale) {
   const auto dt = img_r.scalar_type();
   if (img_r.is_cpu()) {
@@ -229,14 +290,16 @@ Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::
                      "himo_fast dual_lse: CUDA inputs must be float32, bfloat16 or float16, got ",
                      dt);
   }
-  check_features("img_r", img_r, img_r);
-  check_features("txt_r", txt_r, img_r);
-  check_features("comp_r", comp_r, img_r);
+  // The component branch may live in its own width (HiDe's factorised form).
+  check_features("img_r", img_r, img_r, "img_r", true);
+  check_features("txt_r", txt_r, img_r, "img_r", true);
+  check_features("cimg_r", cimg_r, img_r, "img_r", false);
+  check_features("comp_r", comp_r, cimg_r, "cimg_r", true);
   const int64_t B = img_r.size(0);
   TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_lse: empty batch");
-  TORCH_CHECK_VALUE(txt_r.size(0) == B && comp_r.size(0) == B,
+  TORCH_CHECK_VALUE(txt_r.size(0) == B && cimg_r.size(0) == B && comp_r.size(0) == B,
                     "himo_fast dual_lse: row tensors must have the same number of rows, got ",
-                    B, ", ", txt_r.size(0), ", ", comp_r.size(0));
+                    B, ", ", txt_r.size(0), ", ", cimg_r.size(0), ", ", comp_r.size(0));
   TORCH_CHECK_VALUE(scale.numel() == 1 && scale.dim() <= 1,
                     "himo_fast dual_lse: scale must be 0-d or 1 element, got shape ",
                     scale.sizes());
@@ -245,23 +308,62 @@ Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()),
                    "himo_fast dual_lse: scale must be floating point, got ",
                    scale.scalar_type());
-  const int given = int(img_c.has_value()) + int(txt_c.has_value()) + int(comp_c.has_value());
-  TORCH_CHECK_VALUE(given == 0 || given == 3,
-                    "himo_fast dual_lse: pass all three column tensors or none (square)");
-  if (given == 0) return {true, B, B};
-  check_features("img_c", *img_c, img_r);
-  check_features("txt_c", *txt_c, img_r);
-  check_features("comp_c", *comp_c, img_r);
+  const int given = int(img_c.has_value()) + int(txt_c.has_value()) +
+                    int(cimg_c.has_value()) + int(comp_c.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 4,
+                    "himo_fast dual_lse: pass all four column tensors or none (square)");
+  if (given == 0) return {{img_r, txt_r, img_r, txt_r, true}, {cimg_r, comp_r, cimg_r, comp_r, true}, B, B};
+  check_features("img_c", *img_c, img_r, "img_r", true);
+  check_features("txt_c", *txt_c, img_r, "img_r", true);
+  check_features("cimg_c", *cimg_c, cimg_r, "cimg_r", true);
+  check_features("comp_c", *comp_c, cimg_r, "cimg_r", true);
   const int64_t N = img_c->size(0);
-  TORCH_CHECK_VALUE(txt_c->size(0) == N && comp_c->size(0) == N,
+  TORCH_CHECK_VALUE(txt_c->size(0) == N && cimg_c->size(0) == N && comp_c->size(0) == N,
                     "himo_fast dual_lse: column tensors must have the same number of rows, got ",
-                    N, ", ", txt_c->size(0), ", ", comp_c->size(0));
+                    N, ", ", txt_c->size(0), ", ", cimg_c->size(0), ", ", comp_c->size(0));
   TORCH_CHECK_VALUE(N >= B, "himo_fast dual_lse: ", N, " columns < ", B, " rows");
-  return {false, B, N};
+  return {{img_r, txt_r, *img_c, *txt_c, false}, {cimg_r, comp_r, *cimg_c, *comp_c, false}, B, N};
 }
 
 at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& like) {
   return scale.reshape({}).to(acc_type(like)).contiguous();
+}
+
+// Forward of one branch into two rows of the [4, B] result.
+void branch_forward(const Branch& br, const at::Tensor& s, at::Tensor lse_ab, at::Tensor lse_ba,
+                    int64_t strip) {
+  if (br.square) {
+    // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
+    at::Tensor cols;
+    job_forward(br.a_r, br.b_r, s, lse_ab, &cols, strip);
+    lse_ba.copy_(cols);
+  } else {
+    job_forward(br.a_r, br.b_c, s, lse_ab, nullptr, strip);
+    job_forward(br.b_r, br.a_c, s, lse_ba, nullptr, strip);
+  }
+}
+
+// Backward of one branch: gradients of its four inputs (two when square) into out.
+void branch_backward(const Branch& br, const at::Tensor& s, const at::Tensor& l_ab,
+                     const at::Tensor& g_ab, const at::Tensor& l_ba, const at::Tensor& g_ba,
+                     at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip) {
+  const auto opts = br.a_r.options().dtype(acc_type(br.a_r));
+  auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
+  const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
+  const int64_t da = br.a_r.size(1);
+  if (br.square) {
+    at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
+    job_backward(br.a_r, br.b_r, s, l_ab, g_ab, l_ba, g_ba, d_a, d_b, dscale, strip);
+    const at::Tensor none = at::empty({0}, br.a_r.options());
+    out.insert(out.end(), {cast(d_a), cast(d_b), none, none});
+    return;
+  }
+  const at::Tensor undefined;
+  at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
+  job_backward(br.a_r, br.b_c, s, l_ab, g_ab, undefined, undefined, d_a_r, d_b_c, dscale, strip);
+  at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
+  job_backward(br.b_r, br.a_c, s, l_ba, g_ba, undefined, undefined, d_b_r, d_a_c, dscale, strip);
+  out.insert(out.end(), {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)});
 }
 
 }  // namespace
@@ -272,74 +374,42 @@ const StripKernels& cpu_kernels() {
 }
 
 at::Tensor dual_lse_impl(const at::Tensor& img_r, const at::Tensor& txt_r,
-                         const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
+                         const at::Tensor& cimg_r, const at::Tensor& comp_r,
+                         const c10::optional<at::Tensor>& img_c,
                          const c10::optional<at::Tensor>& txt_c,
+                         const c10::optional<at::Tensor>& cimg_c,
                          const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
                          int64_t strip) {
-  const Inputs in = check_inputs(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale);
+  const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
+                                 scale);
   const at::Tensor s = scale_acc(scale, img_r);
-  const auto opts = img_r.options().dtype(acc_type(img_r));
-  at::Tensor lse = at::empty({4, in.B}, opts);
-  if (in.square) {
-    // One pass: rows give matrices 0 and 2, columns give their transposes 1 and 3.
-    at::Tensor rows = at::empty({in.B * 2}, opts), cols;
-    job_forward(img_r, at::cat({txt_r, comp_r}), 2, s, rows, &cols, strip);
-    const at::Tensor r2 = rows.view({in.B, 2});
-    lse[0].copy_(r2.select(1, 0));
-    lse[2].copy_(r2.select(1, 1));
-    lse[1].copy_(cols.narrow(0, 0, in.B));
-    lse[3].copy_(cols.narrow(0, in.B, in.B));
-  } else {
-    at::Tensor rows_img = at::empty({in.B * 2}, opts);
-    job_forward(img_r, at::cat({*txt_c, *comp_c}), 2, s, rows_img, nullptr, strip);
-    const at::Tensor r2 = rows_img.view({in.B, 2});
-    lse[0].copy_(r2.select(1, 0));
-    lse[2].copy_(r2.select(1, 1));
-    at::Tensor rows_txt = at::empty({in.B * 2}, opts);
-    job_forward(at::cat({txt_r, comp_r}), *img_c, 1, s, rows_txt, nullptr, strip);
-    lse[1].copy_(rows_txt.narrow(0, 0, in.B));
-    lse[3].copy_(rows_txt.narrow(0, in.B, in.B));
-  }
+  at::Tensor lse = at::empty({4, in.B}, img_r.options().dtype(acc_type(img_r)));
+  branch_forward(in.global, s, lse[0], lse[1], strip);
+  branch_forward(in.comp, s, lse[2], lse[3], strip);
   return lse;
 }
 
 std::vector<at::Tensor> dual_lse_backward_impl(
     const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& img_r,
-    const at::Tensor& txt_r, const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& comp_c,
+    const at::Tensor& txt_r, const at::Tensor& cimg_r, const at::Tensor& comp_r,
+    const c10::optional<at::Tensor>& img_c, const c10::optional<at::Tensor>& txt_c,
+    const c10::optional<at::Tensor>& cimg_c, const c10::optional<at::Tensor>& comp_c,
     const at::Tensor& scale, int64_t strip) {
-  const Inputs in = check_inputs(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale);
+  const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
+                                 scale);
   const auto acc = acc_type(img_r);
-  const auto opts = img_r.options().dtype(acc);
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({4, in.B}) && grad_lse.sizes() == lse.sizes(),
                     "himo_fast dual_lse_backward: lse and grad_lse must have shape [4, ", in.B,
                     "], got ", lse.sizes(), " and ", grad_lse.sizes());
   const at::Tensor s = scale_acc(scale, img_r);
   const at::Tensor g = grad_lse.to(acc).contiguous(), l = lse.to(acc).contiguous();
-  at::Tensor dscale = at::zeros({}, opts);
-  const int64_t d = img_r.size(1);
-  auto cast = [&](const at::Tensor& t) { return t.to(img_r.scalar_type()); };
-  // Row statistics of the image rows: (row, segment) interleaved as job_forward wrote them.
-  const at::Tensor lse_img = at::stack({l[0], l[2]}, 1).reshape({-1});
-  const at::Tensor g_img = at::stack({g[0], g[2]}, 1).reshape({-1});
-  if (in.square) {
-    at::Tensor d_img = at::empty({in.B, d}, opts), d_cols = at::zeros({2 * in.B, d}, opts);
-    job_backward(img_r, at::cat({txt_r, comp_r}), 2, s, lse_img, g_img, at::cat({l[1], l[3]}),
-                 at::cat({g[1], g[3]}), d_img, d_cols, dscale, strip);
-    const at::Tensor none = at::empty({0}, img_r.options());
-    return {cast(d_img), cast(d_cols.narrow(0, 0, in.B)), cast(d_cols.narrow(0, in.B, in.B)),
-            none, none, none, dscale};
-  }
-  at::Tensor d_img_r = at::empty({in.B, d}, opts), d_cols = at::zeros({2 * in.N, d}, opts);
-  const at::Tensor undefined;
-  job_backward(img_r, at::cat({*txt_c, *comp_c}), 2, s, lse_img, g_img, undefined, undefined,
-               d_img_r, d_cols, dscale, strip);
-  at::Tensor d_rows = at::empty({2 * in.B, d}, opts), d_img_c = at::zeros({in.N, d}, opts);
-  job_backward(at::cat({txt_r, comp_r}), *img_c, 1, s, at::cat({l[1], l[3]}),
-               at::cat({g[1], g[3]}), undefined, undefined, d_rows, d_img_c, dscale, strip);
-  return {cast(d_img_r), cast(d_rows.narrow(0, 0, in.B)), cast(d_rows.narrow(0, in.B, in.B)),
-          cast(d_img_c), cast(d_cols.narrow(0, 0, in.N)), cast(d_cols.narrow(0, in.N, in.N)),
-          dscale};
+  at::Tensor dscale = at::zeros({}, img_r.options().dtype(acc));
+  // Per branch: d a_r, d b_r, d a_c, d b_c (the last two empty when square).
+  std::vector<at::Tensor> grads;
+  branch_backward(in.global, s, l[0], g[0], l[1], g[1], dscale, grads, strip);
+  branch_backward(in.comp, s, l[2], g[2], l[3], g[3], dscale, grads, strip);
+  // Order of the op's inputs: rows (img, txt, cimg, comp), columns (same), scale.
+  return {grads[0], grads[1], grads[4], grads[5], grads[2], grads[3], grads[6], grads[7], dscale};
 }
 
 }  // namespace himo

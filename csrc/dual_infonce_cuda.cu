@@ -65,7 +65,7 @@ __global__ void col_merge_kernel(const float* __restrict__ dots, int64_t rows, i
 }
 
 // One block per row: weights in place, ds_rows[r] = sum_j weight * dot.
-__global__ void softmax_grad_kernel(float* __restrict__ dots, int64_t cols, int64_t seg_len,
+__global__ void softmax_grad_kernel(float* __restrict__ dots, int64_t cols,
                                     const float* __restrict__ scale,
                                     const float* __restrict__ lse_row,
                                     const float* __restrict__ g_row,
@@ -73,13 +73,13 @@ __global__ void softmax_grad_kernel(float* __restrict__ dots, int64_t cols, int6
                                     const float* __restrict__ g_col, float* __restrict__ ds_rows) {
   __shared__ float spart[kWarps];
   const float s = *scale;
-  const int64_t r = blockIdx.x, nseg = cols / seg_len;
+  const int64_t r = blockIdx.x;
   float* row = dots + r * cols;
+  const float l = lse_row[r], g = g_row[r];
   float ds = 0.f;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const int64_t seg = j / seg_len;
     const float dot = row[j], x = s * dot;
-    float w = softmax_weight(x, lse_row[r * nseg + seg], g_row[r * nseg + seg]);
+    float w = softmax_weight(x, l, g);
     if (lse_col != nullptr) w += softmax_weight(x, lse_col[j], g_col[j]);
     ds += w * dot;
     row[j] = w;
@@ -118,13 +118,13 @@ void cuda_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void cuda_softmax_grad(at::Tensor& dots, int64_t seg_len, const at::Tensor& scale,
+void cuda_softmax_grad(at::Tensor& dots, const at::Tensor& scale,
                        const at::Tensor& lse_row, const at::Tensor& g_row,
                        const at::Tensor& lse_col, const at::Tensor& g_col, at::Tensor& ds_rows) {
   check_float(dots, "dots");
   const bool with_col = lse_col.defined();
   softmax_grad_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dots.data_ptr<float>(), dots.size(1), seg_len, scale.data_ptr<float>(),
+      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(),
       lse_row.data_ptr<float>(), g_row.data_ptr<float>(),
       with_col ? lse_col.data_ptr<float>() : nullptr, with_col ? g_col.data_ptr<float>() : nullptr,
       ds_rows.data_ptr<float>());

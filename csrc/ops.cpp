@@ -1,21 +1,21 @@
 // Registration of the dual InfoNCE ops with torch.library (schemas, CPU and CUDA
-// implementations). Fake kernels and autograd live in himo_fast/ops.py.
+// implementations). Fake kernels and autograd live in himo_fast/dual_infonce.py.
 #include <torch/extension.h>
 
 #include "dual_infonce.h"
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-dual_lse_backward_op(const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& img_r,
-                     const at::Tensor& txt_r, const at::Tensor& comp_r,
-                     const c10::optional<at::Tensor>& img_c,
-                     const c10::optional<at::Tensor>& txt_c,
-                     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
-                     int64_t strip_rows) {
-  auto g = himo::dual_lse_backward_impl(grad_lse, lse, img_r, txt_r, comp_r, img_c, txt_c,
-                                        comp_c, scale, strip_rows);
-  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6]};
+using T = at::Tensor;
+using OptT = c10::optional<at::Tensor>;
+
+std::tuple<T, T, T, T, T, T, T, T, T> dual_lse_backward_op(
+    const T& grad_lse, const T& lse, const T& img_r, const T& txt_r, const T& cimg_r,
+    const T& comp_r, const OptT& img_c, const OptT& txt_c, const OptT& cimg_c,
+    const OptT& comp_c, const T& scale, int64_t strip_rows) {
+  auto g = himo::dual_lse_backward_impl(grad_lse, lse, img_r, txt_r, cimg_r, comp_r, img_c,
+                                        txt_c, cimg_c, comp_c, scale, strip_rows);
+  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]};
 }
 
 bool built_with_cuda() {
@@ -30,12 +30,13 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(himo_fast, m) {
   m.def(
-      "dual_lse(Tensor img_r, Tensor txt_r, Tensor comp_r, Tensor? img_c, Tensor? txt_c, "
-      "Tensor? comp_c, Tensor scale, int strip_rows=0) -> Tensor");
+      "dual_lse(Tensor img_r, Tensor txt_r, Tensor cimg_r, Tensor comp_r, Tensor? img_c, "
+      "Tensor? txt_c, Tensor? cimg_c, Tensor? comp_c, Tensor scale, int strip_rows=0) -> Tensor");
   m.def(
       "dual_lse_backward(Tensor grad_lse, Tensor lse, Tensor img_r, Tensor txt_r, "
-      "Tensor comp_r, Tensor? img_c, Tensor? txt_c, Tensor? comp_c, Tensor scale, "
-      "int strip_rows=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor cimg_r, Tensor comp_r, Tensor? img_c, Tensor? txt_c, Tensor? cimg_c, "
+      "Tensor? comp_c, Tensor scale, int strip_rows=0) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(himo_fast, CPU, m) {

@@ -1,8 +1,9 @@
 """The one dispatch point: which implementation computes HiDe and the dual InfoNCE.
 
 A backend is a pair of functions with the reference's signatures:
-``hide(u, tau) -> u'`` and ``dual_infonce(img_r, txt_r, comp_r, img_c, txt_c, comp_c,
-scale, label_offset, label_smoothing) -> (global, comp)``. ``select`` picks one for a
+``hide_factors(u, tau) -> Factors`` (HiDe: centring, PCA, the reconstruction as factors)
+and ``dual_infonce(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale,
+label_offset, label_smoothing) -> (global, comp)``. ``select`` picks one for a
 device: an explicit name, else $HIMO_FAST_BACKEND, else the first usable one in
 ``AUTO_ORDER``. Nothing else in the package looks at devices.
 """
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import _extension, dual_infonce, reference
+from .reconstruct import hide_factors
 
 ENV_VAR = "HIMO_FAST_BACKEND"
 
@@ -22,7 +24,7 @@ ENV_VAR = "HIMO_FAST_BACKEND"
 @dataclass(frozen=True)
 class Backend:
     name: str
-    hide: Callable
+    hide_factors: Callable
     dual_infonce: Callable
     # Returns None when usable on that device type, else the reason it is not.
     unavailable: Callable[[str], str | None]
@@ -45,12 +47,19 @@ def _only_on(device_type: str, need_cuda: bool):
     return unavailable
 
 
-register(Backend("reference", reference.hide_reference, reference.dual_infonce_reference,
+def _hide_factors_cpu(u, tau):
+    # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
+    # component branch then has width m+1). Under torch.compile the fixed-size masked
+    # factors keep the graph free of data-dependent shapes.
+    return hide_factors(u, tau, sliced=not torch.compiler.is_compiling())
+
+
+register(Backend("reference", reference.hide_factors_reference, reference.dual_infonce_reference,
                  lambda device_type: None))
 # Compiled dual InfoNCE (csrc/): the C++ tile algorithm on CPU, its CUDA twin on GPUs.
-register(Backend("cpu", reference.hide_reference, dual_infonce.dual_infonce,
+register(Backend("cpu", _hide_factors_cpu, dual_infonce.dual_infonce,
                  _only_on("cpu", need_cuda=False)))
-register(Backend("cuda", reference.hide_reference, dual_infonce.dual_infonce,
+register(Backend("cuda", reference.hide_factors_reference, dual_infonce.dual_infonce,
                  _only_on("cuda", need_cuda=True)))
 
 

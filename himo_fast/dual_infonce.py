@@ -21,28 +21,30 @@ def _register() -> bool:
         return False
 
     @torch.library.register_fake(f"{_LIB}::dual_lse")
-    def _(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, strip_rows=0):
+    def _(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale, strip_rows=0):
         return img_r.new_empty((4, img_r.shape[0]), dtype=compute_dtype(img_r.dtype))
 
     @torch.library.register_fake(f"{_LIB}::dual_lse_backward")
-    def _(grad_lse, lse, img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, strip_rows=0):
-        cols = [img_c, txt_c, comp_c]
+    def _(grad_lse, lse, img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale,
+          strip_rows=0):
+        rows = [img_r, txt_r, cimg_r, comp_r]
+        cols = [img_c, txt_c, cimg_c, comp_c]
         col_grads = [torch.empty_like(c) if c is not None else img_r.new_empty((0,)) for c in cols]
-        return (torch.empty_like(img_r), torch.empty_like(txt_r), torch.empty_like(comp_r),
-                *col_grads, img_r.new_empty((), dtype=compute_dtype(img_r.dtype)))
+        return (*[torch.empty_like(r) for r in rows], *col_grads,
+                img_r.new_empty((), dtype=compute_dtype(img_r.dtype)))
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:7], output)
-        ctx.square = inputs[3] is None
-        ctx.strip_rows = inputs[7] if len(inputs) > 7 else 0
+        ctx.save_for_backward(*inputs[:9], output)
+        ctx.square = inputs[4] is None
+        ctx.strip_rows = inputs[9] if len(inputs) > 9 else 0
 
     def backward(ctx, grad_lse):
         *features, scale, lse = ctx.saved_tensors
         grads = torch.ops.himo_fast.dual_lse_backward(
             grad_lse.contiguous(), lse, *features, scale, ctx.strip_rows)
-        row_grads, col_grads, dscale = grads[:3], grads[3:6], grads[6]
+        row_grads, col_grads, dscale = grads[:4], grads[4:8], grads[8]
         if ctx.square:
-            col_grads = (None, None, None)
+            col_grads = (None,) * 4
         dscale = dscale.to(scale.dtype).reshape(scale.shape)
         return (*row_grads, *col_grads, dscale, None)
 
@@ -53,11 +55,12 @@ def _register() -> bool:
 REGISTERED = _register()
 
 
-def dual_lse(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, strip_rows: int = 0):
-    """Row log-sum-exps [4, B] of s·img_r·txt_cᵀ, s·txt_r·img_cᵀ, s·img_r·comp_cᵀ,
-    s·comp_r·img_cᵀ. Columns None: square case (columns are the rows)."""
-    return torch.ops.himo_fast.dual_lse(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale,
-                                        strip_rows)
+def dual_lse(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale,
+             strip_rows: int = 0):
+    """Row log-sum-exps [4, B] of s·img_r·txt_cᵀ, s·txt_r·img_cᵀ, s·cimg_r·comp_cᵀ,
+    s·comp_r·cimg_cᵀ. Columns None: square case (columns are the rows)."""
+    return torch.ops.himo_fast.dual_lse(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c,
+                                        comp_c, scale, strip_rows)
 
 
 def _branch(lse_ab, lse_ba, a_rows, b_rows, a_cols, b_cols, scale, offset, eps):
@@ -72,18 +75,20 @@ def _branch(lse_ab, lse_ba, a_rows, b_rows, a_cols, b_cols, scale, offset, eps):
     return 0.5 * (lse_ab + lse_ba - scale * linear).mean()
 
 
-def dual_infonce(img_r, txt_r, comp_r, img_c, txt_c, comp_c, scale, label_offset: int = 0,
-                 label_smoothing: float = 0.0, strip_rows: int = 0):
+def dual_infonce(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale,
+                 label_offset: int = 0, label_smoothing: float = 0.0, strip_rows: int = 0):
     """(global, comp) losses, same contract as ``reference.dual_infonce_reference``."""
-    square = img_c is img_r and txt_c is txt_r and comp_c is comp_r
+    rows_in = (img_r, txt_r, cimg_r, comp_r)
+    cols_in = (img_c, txt_c, cimg_c, comp_c)
+    square = all(c is r for c, r in zip(cols_in, rows_in))
     acc = compute_dtype(img_r.dtype)
     kernel_dtype = img_r.dtype if img_r.is_cuda and acc == torch.float32 else acc
-    rows = [t.to(kernel_dtype).contiguous() for t in (img_r, txt_r, comp_r)]
-    cols = rows if square else [t.to(kernel_dtype).contiguous() for t in (img_c, txt_c, comp_c)]
+    rows = [t.to(kernel_dtype).contiguous() for t in rows_in]
+    cols = rows if square else [t.to(kernel_dtype).contiguous() for t in cols_in]
     s = scale.reshape(()).to(acc)
-    lse = dual_lse(*rows, *((None,) * 3 if square else cols), s, strip_rows)
-    v, t, c = (x.to(acc) for x in rows)
-    vc, tc, cc = (v, t, c) if square else (x.to(acc) for x in cols)
+    lse = dual_lse(*rows, *((None,) * 4 if square else cols), s, strip_rows)
+    v, t, cv, c = (x.to(acc) for x in rows)
+    vc, tc, cvc, cc = (v, t, cv, c) if square else (x.to(acc) for x in cols)
     glob = _branch(lse[0], lse[1], v, t, vc, tc, s, label_offset, label_smoothing)
-    comp = _branch(lse[2], lse[3], v, c, vc, cc, s, label_offset, label_smoothing)
+    comp = _branch(lse[2], lse[3], cv, c, cvc, cc, s, label_offset, label_smoothing)
     return glob, comp

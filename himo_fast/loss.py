@@ -7,6 +7,7 @@ import torch.nn as nn
 from . import backends
 from .checks import check_config, check_features, check_scalar_tensor, check_tau
 from .distributed import gather, with_local_slice
+from .reconstruct import component_image, component_text, factored_is_cheaper, materialize
 
 
 def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -> torch.Tensor:
@@ -16,7 +17,7 @@ def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -
     check_features("text_features", text_features)
     tau = check_tau(tau)
     backends.check_name(backend)
-    return backends.select(backend, text_features).hide(text_features, tau)
+    return materialize(backends.select(backend, text_features).hide_factors(text_features, tau))
 
 
 class MoLo(nn.Module):
@@ -56,6 +57,7 @@ class MoLo(nn.Module):
         impl = backends.select(self.backend, image_features)
 
         v, u = image_features, text_features
+        b = v.shape[0]
         distributed = self.world_size > 1
         gather_args = dict(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                            rank=self.rank, world_size=self.world_size)
@@ -63,21 +65,37 @@ class MoLo(nn.Module):
             all_v, all_u = gather([v, u], **gather_args)
         else:
             all_v, all_u = v, u
+        local_rows = distributed and self.local_loss  # rows: this rank's; columns: all
 
         if self.pca_scope == "global" and distributed:
             # PCA over the whole batch; the local slice keeps its gradient path.
-            all_comp = impl.hide(with_local_slice(all_u, u, self.rank), self.tau)
-            b = u.shape[0]
-            comp = all_comp[self.rank * b:(self.rank + 1) * b]
+            factors = impl.hide_factors(with_local_slice(all_u, u, self.rank), self.tau)
         else:
-            comp = impl.hide(u, self.tau)
-            all_comp = gather([comp], **gather_args)[0] if distributed else comp
+            factors = impl.hide_factors(u, self.tau)
+        # One basis for every column (single rank, or global PCA): the component logits
+        # go through the m-dim subspace when that is narrower than d.
+        if (self.pca_scope == "global" or not distributed) and factored_is_cheaper(factors):
+            comp_c, cimg_c = component_text(factors), component_image(factors, all_v)
+            comp_r, cimg_r = comp_c, cimg_c
+            if local_rows:
+                comp_r = comp_c.narrow(0, self.rank * b, b)
+                cimg_r = component_image(factors, v)
+        else:
+            comp = materialize(factors)
+            if self.pca_scope == "global" and distributed:
+                comp_c, comp_r = comp, comp.narrow(0, self.rank * b, b)
+            else:
+                comp_r = comp
+                comp_c = gather([comp], **gather_args)[0] if distributed else comp
+            cimg_r, cimg_c = v, all_v
 
-        if distributed and self.local_loss:
-            rows, cols, offset = (v, u, comp), (all_v, all_u, all_comp), self.rank * v.shape[0]
+        if local_rows:
+            rows = (v, u, cimg_r, comp_r)
+            offset = self.rank * b
         else:
-            rows = cols = (all_v, all_u, all_comp)
+            rows = (all_v, all_u, cimg_c, comp_c)
             offset = 0
+        cols = (all_v, all_u, cimg_c, comp_c)
         glob, comp_loss = impl.dual_infonce(*rows, *cols, logit_scale, offset, self.label_smoothing)
         if logit_bias is not None:
             # Softmax cross entropy is invariant to a constant added to every logit: the

@@ -79,41 +79,69 @@ def principal_subspace(x: torch.Tensor, tau: float) -> Subspace:
     return Subspace(basis, eigvals, keep, m, gram)
 
 
-def project(x: torch.Tensor, sub: Subspace) -> torch.Tensor:
-    """The centred reconstruction X Π (cov space) or P_U X (gram space)."""
-    kept = sub.basis * sub.keep.to(sub.basis.dtype)
-    if sub.gram:
-        return kept @ (kept.T @ x)
-    return (x @ kept) @ kept.T
+class Split(NamedTuple):
+    """The basis cut in two at the cutoff: kept and rest (every other direction)."""
+
+    kept: torch.Tensor  # (k, a) kept eigenvectors as columns (masked: a = k, zeros elsewhere)
+    rest: torch.Tensor  # (k, r) the others
+    lam_kept: torch.Tensor  # (a,)
+    lam_rest: torch.Tensor  # (r,)
+    across: torch.Tensor | None  # (a, r) 1 where (kept, rest) is a real pair; None: all are
 
 
-def subspace_backward(x: torch.Tensor, sub: Subspace, grad_recon: torch.Tensor) -> torch.Tensor:
-    """∂L/∂X for L(recon(X)), recon = P X (gram) or X P (cov), P the top-m projector.
+def split(sub: Subspace, sliced: bool) -> Split:
+    """Sliced: exact-size blocks (reads the mask: a host sync on GPUs, free on CPUs).
+    Masked: fixed-size blocks with the mask multiplied in (no sync, shapes static)."""
+    if sliced:
+        kept_idx = sub.keep.nonzero().squeeze(1)
+        rest_idx = (~sub.keep).nonzero().squeeze(1)
+        return Split(sub.basis[:, kept_idx], sub.basis[:, rest_idx], sub.eigvals[kept_idx],
+                     sub.eigvals[rest_idx], None)
+    keep_f = sub.keep.to(sub.basis.dtype)
+    return Split(sub.basis * keep_f, sub.basis * (1.0 - keep_f), sub.eigvals, sub.eigvals,
+                 keep_f[:, None] * (1.0 - keep_f)[None, :])
 
-    SPEC section 3: with S = sym(R̄ Xᵀ) (gram) or sym(Xᵀ R̄) (cov), K_ij = b_iᵀ S b_j /
-    (λ_i - λ_j) for kept i and dropped j (mirrored), the gradient is P R̄ + 2 (B K Bᵀ) X
-    (gram) or R̄ P + 2 X (B K Bᵀ) (cov). Only pairs across the cutoff appear, so ties
-    inside or outside the kept set are harmless; the gap is clamped, never divided by zero.
+
+def factor(x: torch.Tensor, sub: Subspace, parts: Split):
+    """(Z, B) with X̂Π = Z Bᵀ (the centred reconstruction, never formed here).
+
+    cov space:  Z = X̂ V_m (N x m), B = V_m (d x m)
+    gram space: Z = U_m (N x m),   B = X̂ᵀ U_m (d x m)
     """
-    basis, lam, keep = sub.basis, sub.eigvals, sub.keep
-    keep_f = keep.to(basis.dtype)
     if sub.gram:
-        s = grad_recon @ x.T
-    else:
-        s = x.T @ grad_recon
-    s_eig = basis.T @ (0.5 * (s + s.T)) @ basis
+        return parts.kept, x.T @ parts.kept
+    return x @ parts.kept, parts.kept
+
+
+def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tensor,
+                    b: torch.Tensor, grad_z: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+    """∂L/∂X̂ for L(Z, B) that depends on (Z, B) only through Z Bᵀ = X̂Π (SPEC section 3).
+
+    With R̄ = ∂L/∂(X̂Π) we have ∂L/∂Z = R̄B and ∂L/∂B = R̄ᵀZ, so R̄ enters the exact subspace
+    gradient only through them: R̄Π and S·(kept basis), S = sym(X̂ᵀR̄) (cov) or sym(R̄X̂ᵀ)
+    (gram). K_ij = (rest_jᵀ S kept_i) / (λ_i - λ_j) for every pair across the cutoff, and
+    ∂L/∂X̂ = R̄Π + 2 X̂ C̄ (cov) or P R̄ + 2 C̄ X̂ (gram) with C̄ = kept K restᵀ + rest Kᵀ keptᵀ.
+    Every product is O(N·d·m) or O(k²·m): R̄ and the d x d / N x N matrices are never formed.
+    The gap is clamped (ties across the cutoff give a finite gradient, never NaN).
+    """
+    lam = sub.eigvals
     floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
-    gap = torch.clamp(lam[:, None] - lam[None, :], min=floor)
-    across = keep_f[:, None] * (1.0 - keep_f)[None, :]
-    k_half = across * s_eig / gap
-    k_mat = k_half + k_half.T
-    kept = basis * keep_f
-    bar = basis @ k_mat @ basis.T
+    gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     if sub.gram:
-        return kept @ (kept.T @ grad_recon) + 2.0 * bar @ x
-    return (grad_recon @ kept) @ kept.T + 2.0 * x @ bar
+        s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
+    else:
+        s_kept = 0.5 * (x.T @ grad_z + grad_b)  # S V_m
+    k12 = (parts.rest.T @ s_kept).T / gap
+    if parts.across is not None:
+        k12 = k12 * parts.across
+    if sub.gram:
+        # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
+        return z @ grad_b.T + 2.0 * ((z @ (k12 @ parts.rest.T)) @ x + (parts.rest @ k12.T) @ b.T)
+    # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
+    return grad_z @ b.T + 2.0 * (z @ (k12 @ parts.rest.T) + (x @ (parts.rest @ k12.T)) @ b.T)
 
 
-def centring_backward(grad_x: torch.Tensor, grad_recon: torch.Tensor) -> torch.Tensor:
-    """Chain rule through X = u - mean(u) and the mean added back to the reconstruction."""
-    return grad_x - grad_x.mean(0, keepdim=True) + grad_recon.mean(0, keepdim=True)
+def centring_backward(grad_x: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:
+    """Chain rule through X̂ = u - mean(u) and the mean output (used as ū in u' = ... + ū)."""
+    n = grad_x.shape[0]
+    return grad_x - grad_x.mean(0, keepdim=True) + grad_mean.reshape(1, -1) / n

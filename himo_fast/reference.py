@@ -11,33 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .pca import centring_backward, compute_dtype, principal_subspace, project, subspace_backward
-
-
-class _HiDeExact(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, tau: float):
-        mean = u.mean(0, keepdim=True)
-        x = u - mean
-        sub = principal_subspace(x, tau)
-        ctx.save_for_backward(x, sub.basis, sub.eigvals, sub.keep, sub.m)
-        ctx.gram = sub.gram
-        return project(x, sub) + mean
-
-    @staticmethod
-    def backward(ctx, grad_recon: torch.Tensor):
-        from .pca import Subspace
-
-        x, basis, eigvals, keep, m = ctx.saved_tensors
-        sub = Subspace(basis, eigvals, keep, m, ctx.gram)
-        grad_x = subspace_backward(x, sub, grad_recon)
-        return centring_backward(grad_x, grad_recon), None
+from .pca import compute_dtype, principal_subspace
+from .reconstruct import Factors, hide_factors, materialize
 
 
 def hide_reference(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
     """u' = X̂ V_m V_mᵀ + ū in at least float32, with the exact subspace gradient."""
-    u = text_features.to(compute_dtype(text_features.dtype))
-    return _HiDeExact.apply(u, tau)
+    return materialize(hide_factors_reference(text_features, tau))
+
+
+def hide_factors_reference(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
+    """HiDe's factors over the full, masked basis: no host synchronisation."""
+    return hide_factors(text_features, tau, sliced=False)
 
 
 def hide_components(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
@@ -56,18 +41,20 @@ def infonce_pair(rows_a, rows_b, cols_a, cols_b, scale, labels, label_smoothing)
     )
 
 
-def dual_infonce_reference(img_rows, txt_rows, comp_rows, img_cols, txt_cols, comp_cols,
+def dual_infonce_reference(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
                            scale, label_offset: int = 0, label_smoothing: float = 0.0):
-    """(global, comp) for rows against columns, labels ``label_offset + arange(rows)``.
+    """(global, comp): the InfoNCE of (img, txt) and of (cimg, comp), rows against columns,
+    labels ``label_offset + arange(rows)``. ``cimg`` is the image side of the component
+    branch: the images themselves, or their factored form (reconstruct.component_image).
 
-    Square single-rank case: pass the same tensors as rows and columns. logit_bias is not
-    an argument: softmax cross entropy is invariant to a constant added to every logit.
+    Square single-rank case: pass the rows as columns. logit_bias is not an argument:
+    softmax cross entropy is invariant to a constant added to every logit.
     """
-    dtype = compute_dtype(img_rows.dtype)
-    cast = [t.to(dtype) for t in (img_rows, txt_rows, comp_rows, img_cols, txt_cols, comp_cols)]
-    img_rows, txt_rows, comp_rows, img_cols, txt_cols, comp_cols = cast
+    dtype = compute_dtype(img_r.dtype)
+    feats = [t.to(dtype) for t in (img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c)]
+    img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c = feats
     scale = scale.to(dtype).reshape(())
-    labels = label_offset + torch.arange(img_rows.shape[0], device=img_rows.device)
-    glob = infonce_pair(img_rows, txt_rows, img_cols, txt_cols, scale, labels, label_smoothing)
-    comp = infonce_pair(img_rows, comp_rows, img_cols, comp_cols, scale, labels, label_smoothing)
+    labels = label_offset + torch.arange(img_r.shape[0], device=img_r.device)
+    glob = infonce_pair(img_r, txt_r, img_c, txt_c, scale, labels, label_smoothing)
+    comp = infonce_pair(cimg_r, comp_r, cimg_c, comp_c, scale, labels, label_smoothing)
     return glob, comp

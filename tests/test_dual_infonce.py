@@ -12,10 +12,14 @@ pytestmark = pytest.mark.skipif("cpu" not in himo_fast.available_backends("cpu")
 TOL = {torch.float64: 1e-8, torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-def _inputs(B, N, d, dtype, device="cpu", square=True):
-    mk = lambda n: torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
-    rows = [mk(B) for _ in range(3)]
-    cols = rows if square else [torch.cat([mk(N - B)[: (N - B) // 2], r, mk(N - B)[(N - B) // 2:]]) for r in rows]
+def _inputs(B, N, d, dtype, device="cpu", square=True, d_comp=None):
+    """Rows (img, txt, cimg, comp) and columns; the component pair has width d_comp
+    (HiDe's factored form) or d."""
+    widths = [d, d, d_comp or d, d_comp or d]
+    mk = lambda n, w: torch.nn.functional.normalize(torch.randn(n, w, dtype=torch.float64), dim=-1)
+    rows = [mk(B, w) for w in widths]
+    cols = rows if square else [torch.cat([mk(N - B, w)[: (N - B) // 2], r, mk(N - B, w)[(N - B) // 2:]])
+                                for r, w in zip(rows, widths)]
     cast = lambda ts: [t.to(device=device, dtype=dtype).requires_grad_() for t in ts]
     rows_c = cast(rows)
     cols_c = rows_c if square else cast(cols)
@@ -31,8 +35,8 @@ def _run(fn, rows, cols, scale, offset, eps, square):
     return [g.detach(), c.detach()] + [t.grad.clone() for t in leaves]
 
 
-def _compare(B, N, d, dtype, device, square, eps, strip_rows=0):
-    rows, cols = _inputs(B, N, d, dtype, device, square)
+def _compare(B, N, d, dtype, device, square, eps, strip_rows=0, d_comp=None):
+    rows, cols = _inputs(B, N, d, dtype, device, square, d_comp)
     offset = 0 if square else (N - B) // 2
     scale = torch.tensor(13.0, dtype=torch.float32 if dtype != torch.float64 else dtype,
                          device=device, requires_grad=True)
@@ -49,26 +53,27 @@ def _compare(B, N, d, dtype, device, square, eps, strip_rows=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("square", [True, False])
-@pytest.mark.parametrize("B,N,d,strip", [(1, 3, 5, 0), (7, 21, 13, 3), (33, 65, 31, 8), (50, 150, 64, 0)])
+@pytest.mark.parametrize("B,N,d,strip,d_comp", [(1, 3, 5, 0, None), (7, 21, 13, 3, 1), (33, 65, 31, 8, None),
+                                                (50, 150, 64, 0, 9)])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_cpu_matches_reference(dtype, square, B, N, d, strip, eps):
-    _compare(B, B if square else N, d, dtype, "cpu", square, eps, strip)
+def test_cpu_matches_reference(dtype, square, B, N, d, strip, d_comp, eps):
+    _compare(B, B if square else N, d, dtype, "cpu", square, eps, strip, d_comp)
 
 
 def test_opcheck_both_modes():
     for square in (True, False):
-        rows, cols = _inputs(9, 27, 11, torch.float64, square=square)
+        rows, cols = _inputs(9, 27, 11, torch.float64, square=square, d_comp=4)
         scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-        args = (*rows, *((None,) * 3 if square else cols), scale, 4)
+        args = (*rows, *((None,) * 4 if square else cols), scale, 4)
         torch.library.opcheck(torch.ops.himo_fast.dual_lse.default, args)
 
 
 def test_gradcheck_float64():
-    rows, cols = _inputs(5, 15, 7, torch.float64, square=False)
+    rows, cols = _inputs(5, 15, 7, torch.float64, square=False, d_comp=3)
     scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:6], a[6], 2), (*rows, *cols, scale))
+    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:8], a[8], 2), (*rows, *cols, scale))
     rows, _ = _inputs(6, 6, 5, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:3], None, None, None, a[3], 4), (*rows, scale))
+    assert torch.autograd.gradcheck(lambda *a: dual_lse(*a[:4], *(None,) * 4, a[4], 4), (*rows, scale))
 
 
 def test_torch_compile_fullgraph_equals_eager():
@@ -92,17 +97,18 @@ def test_torch_compile_fullgraph_equals_eager():
 
 
 def test_op_rejects_bad_input():
-    rows, cols = _inputs(4, 8, 6, torch.float32, square=False)
+    rows, cols = _inputs(4, 8, 6, torch.float32, square=False, d_comp=3)
     s = torch.tensor(3.0)
     bad = [
         ((rows[0].double(), *rows[1:], *cols, s), TypeError, "dtype"),
         ((rows[0][:, :5].contiguous(), *rows[1:], *cols, s), ValueError, "feature dim"),
+        ((*rows[:3], rows[1], *cols, s), ValueError, "comp_r has feature dim 6 but cimg_r has 3"),
         ((rows[0].t(), *rows[1:], *cols, s), ValueError, "feature dim|contiguous"),
         ((torch.randn(4, 12)[:, ::2], *rows[1:], *cols, s), ValueError, "contiguous"),
-        ((*rows, cols[0], None, cols[2], s), ValueError, "all three"),
+        ((*rows, cols[0], None, *cols[2:], s), ValueError, "all four"),
         ((*rows, *cols, torch.ones(2)), ValueError, "scale"),
         ((*rows, *[c[:3] for c in cols], s), ValueError, "columns"),
-        ((rows[0].half(), rows[1].half(), rows[2].half(), None, None, None, s), TypeError, "float32 or float64"),
+        ((*(r.half() for r in rows), None, None, None, None, s), TypeError, "float32 or float64"),
     ]
     for args, exc, needle in bad:
         with pytest.raises(exc, match=needle):
@@ -118,8 +124,9 @@ def kib(field):
             return int(line.split()[1])
 torch.manual_seed(0)
 N, d, strip = 8192, 256, int(sys.argv[1])
-f = [torch.nn.functional.normalize(torch.randn(N, d), dim=-1).requires_grad_() for _ in range(3)]
+img, txt, comp = [torch.nn.functional.normalize(torch.randn(N, d), dim=-1).requires_grad_() for _ in range(3)]
 s = torch.tensor(10.0, requires_grad=True)
+f = [img, txt, img, comp]  # the component branch at full width d (the unfactored form)
 w = [t[:64].detach().clone().requires_grad_() for t in f]
 g, c = dual_infonce(*w, *w, s, 0, 0.1)  # warm-up on a tiny batch: thread pools, libraries
 (g + c).backward()
