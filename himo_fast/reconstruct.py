@@ -9,7 +9,9 @@ B has one column per kept component (pca.factor). Every consumer goes through th
   of width m+1 instead of d. At N=1024, d=768, m≈72 that is a tenth of the FLOPs.
 
 The autograd function returns the factors and back-propagates the exact subspace gradient
-(SPEC section 3) from their gradients alone (pca.factor_backward).
+(SPEC section 3) from their gradients alone (pca.factor_backward). Z and B on their own
+depend on the choice of basis inside the subspace: the gradient is exact for consumers
+that use them through Z Bᵀ, as the ones below do.
 """
 from __future__ import annotations
 
