@@ -3,6 +3,7 @@
 #include "dual_infonce.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -380,6 +381,8 @@ at::Tensor dual_lse_impl(const at::Tensor& img_r, const at::Tensor& txt_r,
                          const c10::optional<at::Tensor>& cimg_c,
                          const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
                          int64_t strip) {
+  // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
                                  scale);
   const at::Tensor s = scale_acc(scale, img_r);
@@ -395,6 +398,8 @@ std::vector<at::Tensor> dual_lse_backward_impl(
     const c10::optional<at::Tensor>& img_c, const c10::optional<at::Tensor>& txt_c,
     const c10::optional<at::Tensor>& cimg_c, const c10::optional<at::Tensor>& comp_c,
     const at::Tensor& scale, int64_t strip) {
+  // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
                                  scale);
   const auto acc = acc_type(img_r);

@@ -17,7 +17,14 @@ def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -
     check_features("text_features", text_features)
     tau = check_tau(tau)
     backends.check_name(backend)
-    return materialize(backends.select(backend, text_features).hide_factors(text_features, tau))
+    with _no_autocast(text_features):
+        return materialize(backends.select(backend, text_features).hide_factors(text_features, tau))
+
+
+def _no_autocast(t: torch.Tensor):
+    # open_clip trains under autocast; the loss runs in (at least) float32 regardless:
+    # a half-precision PCA or log-sum-exp would not meet SPEC section 4.
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 class MoLo(nn.Module):
@@ -55,7 +62,11 @@ class MoLo(nn.Module):
         if logit_bias is not None:
             check_scalar_tensor("logit_bias", logit_bias, image_features)
         impl = backends.select(self.backend, image_features)
+        with _no_autocast(image_features):
+            return self._loss(impl, image_features, text_features, logit_scale, logit_bias,
+                              output_dict)
 
+    def _loss(self, impl, image_features, text_features, logit_scale, logit_bias, output_dict):
         v, u = image_features, text_features
         b = v.shape[0]
         distributed = self.world_size > 1

@@ -115,3 +115,18 @@ def test_hide_shape_dtype_and_backends_agree():
         assert out.shape == u.shape and out.dtype == torch.float32
         assert rel(out, outs[0]) <= 1e-5
     assert himo_fast.hide(u.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", himo_fast.available_backends("cpu"))
+def test_autocast_region_does_not_lower_precision(backend):
+    """open_clip calls the loss inside autocast: MoLo still computes in float32."""
+    v, u = pairs(40, 24, torch.float32, seed=3)
+    s = torch.tensor(20.0, requires_grad=True)
+    loss = himo_fast.MoLo(backend=backend)
+    plain = loss(v, u, s)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = loss(v, u, s)
+        hidden = himo_fast.hide(u, 0.9, backend=backend)
+    assert auto.dtype == torch.float32 and hidden.dtype == torch.float32
+    assert loss_rel(auto, plain) <= 1e-6
+    assert rel(hidden, himo_fast.hide(u, 0.9, backend=backend)) <= 1e-6
