@@ -71,7 +71,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m himo_fast.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("himo_demo"))
-    p.add_argument("--train-size", type=int, default=1536)
+    p.add_argument("--train-size", type=int, default=1280)
     p.add_argument("--val-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)

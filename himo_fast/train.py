@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import open_clip
+import torch
 
 from .long_text import stretch_model
 from .loss import MoLo
@@ -84,13 +85,26 @@ def main(argv=None) -> None:
         patched["create_model_and_transforms"] = create_long
         patched["get_tokenizer"] = functools.partial(_tokenizer, tokenizer, himo.himo_long_text)
     saved = {name: getattr(oc_main, name) for name in patched}
+    ddp = torch.nn.parallel.DistributedDataParallel
     try:
         for name, fn in patched.items():
             setattr(oc_main, name, fn)
+        # open_clip_train passes device_ids=[device] to DDP, which DDP refuses for CPU
+        # modules: multi-process CPU (gloo) training needs device_ids=None.
+        torch.nn.parallel.DistributedDataParallel = _cpu_safe_ddp(ddp)
         oc_main.main(rest)
     finally:
         for name, fn in saved.items():
             setattr(oc_main, name, fn)
+        torch.nn.parallel.DistributedDataParallel = ddp
+
+
+def _cpu_safe_ddp(ddp):
+    def make(module, *args, device_ids=None, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        return ddp(module, *args, device_ids=device_ids, **kwargs)
+    return make
 
 
 def _tokenizer(get_tokenizer, length, name, *args, **kwargs):
