@@ -22,5 +22,7 @@ mkdir -p benchmarks/results
   echo "## timing (forward+backward, median)"
   for n in 1024 65536; do python3 -m himo_fast --device cuda --n $n --d 768 --dtype bfloat16 --steps 10 --backend cuda; done
   python3 -m himo_fast --device cuda --n 1024 --d 768 --steps 10 --backend reference
+  echo "## benchmark suite (himo_fast vs authors' loss, compiled, ClipLoss)"
+  python3 -m pytest benchmarks --benchmark-only -q --benchmark-json="benchmarks/results/${stamp}-${gpu}.json" 2>&1 | tail -60
 } 2>&1 | tee "$res"
-[ -n "${OUT:-}" ] && cp "$res" "$OUT/"
+[ -n "${OUT:-}" ] && cp "$res" benchmarks/results/${stamp}-${gpu}.json "$OUT/" 2>/dev/null

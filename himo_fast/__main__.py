@@ -8,15 +8,11 @@ import torch
 
 import himo_fast
 from himo_fast.reference import hide_components
+from himo_fast.synthetic import clip_like_pairs
 
 
 def clip_like_features(n, d, device, dtype, generator):
-    spec = torch.arange(1, d + 1, dtype=torch.float32).pow(-0.7)
-    text = torch.randn(n, d, generator=generator) * spec
-    text = text + 0.5 * spec.norm() / d ** 0.5 * torch.randn(d, generator=generator)
-    image = text + 0.7 * torch.randn(n, d, generator=generator) * spec.mean()
-    out = [torch.nn.functional.normalize(x, dim=-1).to(device, dtype) for x in (image, text)]
-    return [x.requires_grad_() for x in out]
+    return [x.requires_grad_() for x in clip_like_pairs(n, d, dtype, device, generator)]
 
 
 def main(argv=None):

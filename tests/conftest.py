@@ -4,20 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from himo_fast.synthetic import clip_like_pairs
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pairs(n, d, dtype=torch.float64, seed=None, decay=True, requires_grad=True):
-    """Fresh paired, L2-normalised features (SPEC 5): text with a decaying spectrum and a
-    shared mean direction, images correlated with their texts; isotropic if not decay."""
+    """Fresh paired, L2-normalised features (SPEC 5, himo_fast.synthetic)."""
     g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(0, 2**31, ()).item())
-    spec = torch.arange(1, d + 1, dtype=torch.float64).pow(-0.7) if decay else torch.ones(d, dtype=torch.float64)
-    text = torch.randn(n, d, generator=g, dtype=torch.float64) * spec
-    if decay:
-        text = text + 0.5 * spec.norm() / d ** 0.5 * torch.randn(d, generator=g, dtype=torch.float64)
-    image = text + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64) * spec.mean()
-    out = [torch.nn.functional.normalize(x, dim=-1).to(dtype) for x in (image, text)]
-    return [x.requires_grad_(requires_grad) for x in out]
+    return [x.requires_grad_(requires_grad) for x in clip_like_pairs(n, d, dtype, generator=g, decay=decay)]
 
 
 def rel(a, b, floor=1e-2):

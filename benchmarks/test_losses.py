@@ -1,0 +1,141 @@
+"""Forward+backward throughput of himo_fast against its peers (SPEC section 5).
+
+``pytest benchmarks/ --benchmark-only`` runs every workload that fits the device, grouped
+per workload so that pytest-benchmark's table shows the implementations side by side.
+HIMO_BENCH_QUICK=1 shrinks the shapes (CI runs that, so the suite cannot rot).
+extra_info: samples/s, TFLOP/s counted as the official loss's logit matmuls
+(2 branches x 2 directions x 2·B·N·d, x3 for forward+backward), peak extra memory.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import himo_fast
+from himo_fast import backends
+from himo_fast.reconstruct import materialize
+from himo_fast.synthetic import clip_like_pairs
+from official import official_hide, official_loss
+
+QUICK = os.environ.get("HIMO_BENCH_QUICK") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = 64 if QUICK else 768
+# (name, local rows B, columns N): columns = B on one rank; paper-rank gathers 8 ranks.
+WORKLOADS = [("paper-rank", 32 if QUICK else 128, 256 if QUICK else 1024),
+             ("single-1k", 128 if QUICK else 1024, 128 if QUICK else 1024)]
+if DEVICE == "cuda" and not QUICK:
+    WORKLOADS += [(f"large-{n // 1024}k", n, n) for n in (16384, 65536, 262144)]
+ROTATE = 3  # input sets, rotated between rounds
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(B, N, dtype):
+    sets = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(ROTATE):
+        v, u = clip_like_pairs(N, D, dtype, DEVICE, g)
+        # this rank's rows are the last slice of the gathered batch (label offset N - B)
+        rows = [t[N - B:].clone().requires_grad_() for t in (v, u)]
+        sets.append((rows, v, u))
+    return sets
+
+
+def _himo(B, N, tau=0.9, eps=0.1):
+    impl = backends.select("auto", DEVICE)
+    if B == N:
+        loss = himo_fast.MoLo(tau=tau, label_smoothing=eps)
+        return lambda rows, v, u, s: loss(*rows, s)
+
+    def step(rows, v, u, s):  # one rank of the local-loss recipe; other ranks' columns fixed
+        vl, ul = rows
+        comp = materialize(impl.hide_factors(ul, tau))
+        others = official_hide(u[: N - B], tau)  # stands for the other ranks' components
+        all_v = torch.cat([v[: N - B], vl])
+        all_u = torch.cat([u[: N - B], ul])
+        all_c = torch.cat([others, comp])
+        g, c = impl.dual_infonce(vl, ul, vl, comp, all_v, all_u, all_v, all_c, s, N - B, eps)
+        return g + c
+    return step
+
+
+def _official(B, N, tau=0.9, eps=0.1):
+    if B == N:
+        return lambda rows, v, u, s: sum(official_loss(*rows, s, tau=tau, eps=eps))
+    def step(rows, v, u, s):
+        vl, ul = rows
+        comp = official_hide(ul, tau)
+        all_c = torch.cat([official_hide(u[: N - B], tau), comp])
+        return sum(official_loss(vl, ul, s, tau=tau, eps=eps, all_image=torch.cat([v[: N - B], vl]),
+                                 all_text=torch.cat([u[: N - B], ul]), all_comp=all_c, comp=comp,
+                                 rank=(N - B) // B))
+    return step
+
+
+def _clip(B, N, eps=0.0):
+    def step(rows, v, u, s):  # open_clip ClipLoss's math (global branch only), local rows
+        vl, ul = rows
+        all_v, all_u = torch.cat([v[: N - B], vl]), torch.cat([u[: N - B], ul])
+        labels = torch.arange(N - B, N, device=vl.device)
+        return 0.5 * (F.cross_entropy(s * vl @ all_u.T, labels) + F.cross_entropy(s * ul @ all_v.T, labels))
+    return step
+
+
+IMPLS = {"himo_fast": _himo, "official": _official, "clip_loss": _clip}
+if DEVICE == "cuda":
+    IMPLS["official_compiled"] = lambda B, N: torch.compile(_official(B, N))
+
+
+def _peak_extra(fn):
+    """Peak memory above the start of one call: CUDA allocator, or RSS (VmHWM) on Linux."""
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync()
+        return torch.cuda.max_memory_allocated() - base
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    base = kib("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    fn()
+    return kib("VmHWM") - base
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("workload", WORKLOADS, ids=[w[0] for w in WORKLOADS])
+def test_forward_backward(benchmark, workload, impl):
+    name, B, N = workload
+    benchmark.group = f"{name} B={B} N={N} d={D} {DEVICE}"
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    if impl != "himo_fast" and N > 65536:
+        pytest.skip(f"{impl} materialises N x N logits: out of memory at N={N} by construction")
+    sets = _inputs(B, N, dtype)
+    s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+    fn = IMPLS[impl](B, N)
+    state = {"i": 0}
+
+    def step():
+        rows, v, u = sets[state["i"] % ROTATE]
+        state["i"] += 1
+        for t in (*rows, s):
+            t.grad = None
+        fn(rows, v, u, s).backward()
+        _sync()
+
+    try:
+        step()  # warm-up (and compile)
+        peak = _peak_extra(step)
+        benchmark.pedantic(step, rounds=3 if QUICK else 7, warmup_rounds=1, iterations=1)
+    except torch.cuda.OutOfMemoryError:
+        benchmark.extra_info["oom"] = True
+        pytest.skip(f"{impl} ran out of memory at {name}")
+    t = benchmark.stats.stats.median
+    benchmark.extra_info.update(samples_per_s=B / t, tflops=24 * B * N * D / t / 1e12,
+                                peak_extra_mib=peak / 2**20)
