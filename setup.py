@@ -105,7 +105,6 @@ write_build_info(isinstance(ext.sources, list) and any(s.endswith(".cu") for s i
 setup(
     packages=["himo_fast", "himo_fast.kernels"],
     package_dir={"himo_fast": "himo_fast", "himo_fast.kernels": "kernels"},
-    package_data={"himo_fast": ["model_configs/*.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )
