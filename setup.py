@@ -79,12 +79,14 @@ def with_cuda():
 
 def extension():
     sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp"]
-    cxx = ["-O3", "-fopenmp"] + cpu_vector_flags()
+    # No FMA contraction: the forward's s·dot - max and the backward's s·dot - lse must
+    # round the same way, or a softmax that should be exactly 1 is not (tile_math.h).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + cpu_vector_flags()
     extra = {"cxx": cxx}
     if with_cuda():
         sources.append("csrc/dual_infonce_cuda.cu")
         cxx.append("-DHIMO_WITH_CUDA")
-        extra["nvcc"] = ["-O3", "-DHIMO_WITH_CUDA", "--use_fast_math"] + [
+        extra["nvcc"] = ["-O3", "-DHIMO_WITH_CUDA", "--fmad=false"] + [
             gencode(a) for a in cuda_archs()]
         cls = cpp_extension.CUDAExtension
     else:

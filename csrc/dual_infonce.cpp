@@ -29,11 +29,13 @@ constexpr int64_t kCudaStripElements = int64_t(1) << 25;
 using at::vec::Vectorized;
 
 template <typename acc_t>
-void cpu_row_lse_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& out) {
+void cpu_row_nll_impl(const at::Tensor& dots, const at::Tensor& scale, const at::Tensor& ref,
+                      at::Tensor& out) {
   using V = Vectorized<acc_t>;
   const int64_t rows = dots.size(0), len = dots.size(1), vlen = len - len % V::size();
   const acc_t s = scale.item<acc_t>();
   const acc_t* d = dots.data_ptr<acc_t>();
+  const acc_t* rf = ref.data_ptr<acc_t>();
   acc_t* o = out.data_ptr<acc_t>();
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     const V vs(s);
@@ -44,7 +46,7 @@ void cpu_row_lse_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tenso
       acc_t mx = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
       for (int64_t j = vlen; j < len; ++j) mx = std::max(mx, s * row[j]);
       if (std::isnan(mx) || mx == -std::numeric_limits<acc_t>::infinity()) {
-        o[r] = mx;  // NaN in, NaN out; a row of -inf logits has lse -inf
+        o[r] = mx - rf[r];  // NaN in, NaN out; a row of -inf logits has lse -inf
         continue;
       }
       const V vmx(mx);
@@ -52,7 +54,7 @@ void cpu_row_lse_impl(const at::Tensor& dots, const at::Tensor& scale, at::Tenso
       for (int64_t j = 0; j < vlen; j += V::size()) vsum = vsum + (vs * V::loadu(row + j) - vmx).exp();
       acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, vsum);
       for (int64_t j = vlen; j < len; ++j) sum += std::exp(s * row[j] - mx);
-      o[r] = mx + std::log(sum);
+      o[r] = nll_value(LseState<acc_t>{mx, sum}, rf[r]);
     }
   });
 }
@@ -98,42 +100,56 @@ void cpu_col_merge_impl(const at::Tensor& dots, const at::Tensor& scale, at::Ten
 }
 
 template <typename acc_t>
-void cpu_softmax_grad_impl(at::Tensor& dots, const at::Tensor& scale, const at::Tensor& lse_row,
-                           const at::Tensor& g_row, const at::Tensor& lse_col,
-                           const at::Tensor& g_col, at::Tensor& ds_rows) {
+void cpu_ce_grad_impl(at::Tensor& dots, const at::Tensor& scale, const Side& rs, const Side& cs,
+                      int64_t label_col0, at::Tensor& ds_rows) {
   using V = Vectorized<acc_t>;
   const int64_t rows = dots.size(0), cols = dots.size(1), vcols = cols - cols % V::size();
   const acc_t s = scale.item<acc_t>();
   acc_t* d = dots.data_ptr<acc_t>();
-  const acc_t* lr = lse_row.data_ptr<acc_t>();
-  const acc_t* gr = g_row.data_ptr<acc_t>();
-  const bool with_col = lse_col.defined();
-  const acc_t* lc = with_col ? lse_col.data_ptr<acc_t>() : nullptr;
-  const acc_t* gc = with_col ? g_col.data_ptr<acc_t>() : nullptr;
+  struct Ptrs {
+    const acc_t *nll, *ref, *gp, *c_off, *c_label;
+  };
+  auto ptrs = [](const Side& side) {
+    return Ptrs{side.nll.data_ptr<acc_t>(), side.ref.data_ptr<acc_t>(), side.gp.data_ptr<acc_t>(),
+                side.c_off.data_ptr<acc_t>(), side.c_label.data_ptr<acc_t>()};
+  };
+  const bool with_col = cs.nll.defined();
+  const Ptrs R = ptrs(rs), C = with_col ? ptrs(cs) : Ptrs{};
   acc_t* dsr = ds_rows.data_ptr<acc_t>();
+  auto weight = [&](acc_t x, int64_t r, int64_t j, bool label) {
+    acc_t w = ce_weight(x, R.ref[r], R.nll[r], R.gp[r], label ? R.c_label[r] : R.c_off[r]);
+    if (with_col) w += ce_weight(x, C.ref[j], C.nll[j], C.gp[j], label ? C.c_label[j] : C.c_off[j]);
+    return w;
+  };
+  // Every element as off-label; then the label element again, whole, in scalar, so that
+  // its weight is exactly 0 when the softmax is exactly the target.
   at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
     const V vs(s);
     for (int64_t r = r0; r < r1; ++r) {
       acc_t* row = d + r * cols;
-      const acc_t l = lr[r], g = gr[r];
-      const V vl(l), vg(g);
+      const int64_t label = label_col0 + r;
+      const acc_t label_dot = row[label];
+      const V vref(R.ref[r]), vnll(R.nll[r]), vgp(R.gp[r]), vc(R.c_off[r]);
       V vds(acc_t(0));
       for (int64_t j = 0; j < vcols; j += V::size()) {
         const V dot = V::loadu(row + j), x = vs * dot;
-        V w = vg * (x - vl).exp();  // softmax_weight, vectorised
-        if (with_col) w = w + V::loadu(gc + j) * (x - V::loadu(lc + j)).exp();
+        V w = vgp * ((x - vref) - vnll).exp() - vc;  // ce_weight, vectorised
+        if (with_col) {
+          w = w + V::loadu(C.gp + j) * ((x - V::loadu(C.ref + j)) - V::loadu(C.nll + j)).exp() -
+              V::loadu(C.c_off + j);
+        }
         vds = vds + w * dot;
         w.store(row + j);
       }
       acc_t ds = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, vds);
       for (int64_t j = vcols; j < cols; ++j) {
-        const acc_t x = s * row[j];
-        acc_t w = softmax_weight(x, l, g);
-        if (with_col) w += softmax_weight(x, lc[j], gc[j]);
+        const acc_t w = weight(s * row[j], r, j, false);
         ds += w * row[j];
         row[j] = w;
       }
-      dsr[r] = ds;
+      const acc_t w_label = weight(s * label_dot, r, label, true);
+      dsr[r] = ds + (w_label - row[label]) * label_dot;
+      row[label] = w_label;
     }
   });
 }
@@ -145,18 +161,18 @@ void cpu_softmax_grad_impl(at::Tensor& dots, const at::Tensor& scale, const at::
     fn<float>(__VA_ARGS__);                                \
   }
 
-void cpu_row_lse(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& out) {
-  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_row_lse_impl, dots, scale, out);
+void cpu_row_nll(const at::Tensor& dots, const at::Tensor& scale, const at::Tensor& ref,
+                 at::Tensor& out) {
+  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_row_nll_impl, dots, scale, ref, out);
 }
 void cpu_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& cm,
                    at::Tensor& cs) {
   HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_col_merge_impl, dots, scale, cm, cs);
 }
-void cpu_softmax_grad(at::Tensor& dots, const at::Tensor& scale, const at::Tensor& lse_row,
-                      const at::Tensor& g_row, const at::Tensor& lse_col, const at::Tensor& g_col,
-                      at::Tensor& ds_rows) {
-  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_softmax_grad_impl, dots, scale, lse_row, g_row,
-                    lse_col, g_col, ds_rows);
+void cpu_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, const Side& cols,
+                 int64_t label_col0, at::Tensor& ds_rows) {
+  HIMO_CPU_DISPATCH(dots.scalar_type(), cpu_ce_grad_impl, dots, scale, rows, cols, label_col0,
+                    ds_rows);
 }
 
 // ---------------------------------------------------------------- driver
@@ -165,7 +181,7 @@ const StripKernels& kernels_for(const at::Tensor& t) {
 #ifdef HIMO_WITH_CUDA
   if (t.is_cuda()) return cuda_kernels();
 #endif
-  TORCH_CHECK_VALUE(t.is_cpu(), "himo_fast dual_lse: no kernels for device ", t.device(),
+  TORCH_CHECK_VALUE(t.is_cpu(), "himo_fast dual_ce: no kernels for device ", t.device(),
                     " in this build");
   return cpu_kernels();
 }
@@ -187,16 +203,17 @@ int64_t strip_rows(const at::Tensor& t, int64_t rows, int64_t cols, int64_t requ
   return std::max<int64_t>(1, std::min(rows, budget / std::max<int64_t>(cols, 1)));
 }
 
-// Row log-sum-exps of s·R·Cᵀ and, when asked, the log-sum-exp of every column (the
+// Row nll = logsumexp - ref of s·R·Cᵀ and, when asked, the same for every column (the
 // square case: the transposed matrix's rows come from the same strips).
 void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
-                 at::Tensor lse_rows, at::Tensor* lse_cols, int64_t requested_rows) {
+                 const at::Tensor& ref_rows, at::Tensor nll_rows, const at::Tensor& ref_cols,
+                 at::Tensor* nll_cols, int64_t requested_rows) {
   const StripKernels& k = kernels_for(R);
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
   const auto acc = acc_type(R);
   at::Tensor col_max, col_sum;
-  if (lse_cols != nullptr) {
+  if (nll_cols != nullptr) {
     col_max = at::full({N}, -std::numeric_limits<double>::infinity(), R.options().dtype(acc));
     col_sum = at::zeros({N}, R.options().dtype(acc));
   }
@@ -204,19 +221,19 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sca
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
     at::Tensor dots = mm_acc(R.narrow(0, r0, rn), Ct);
-    at::Tensor out = lse_rows.narrow(0, r0, rn);
-    k.row_lse(dots, scale, out);
-    if (lse_cols != nullptr) k.col_merge(dots, scale, col_max, col_sum);
+    at::Tensor out = nll_rows.narrow(0, r0, rn);
+    k.row_nll(dots, scale, ref_rows.narrow(0, r0, rn), out);
+    if (nll_cols != nullptr) k.col_merge(dots, scale, col_max, col_sum);
   }
-  if (lse_cols != nullptr) *lse_cols = col_max + at::log(col_sum);
+  if (nll_cols != nullptr) *nll_cols = (col_max - ref_cols) + at::log(col_sum);
 }
 
-// Gradients of sum(g_rows * lse_rows) (+ sum(g_cols * lse_cols)) with respect to R, C and
-// the scale, recomputing each strip of logits. dR is overwritten, dC accumulated into.
+// Gradients with respect to R, C and the scale of sum_r gp[r] lse[r] - sum_rj c_rj s R_r·C_j
+// over the rows (and the columns when cols is defined), recomputing each strip of logits.
+// dR is overwritten, dC accumulated into.
 void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
-                  const at::Tensor& lse_rows, const at::Tensor& g_rows, const at::Tensor& lse_cols,
-                  const at::Tensor& g_cols, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
-                  int64_t requested_rows) {
+                  const Side& rows, const Side& cols, int64_t label_offset, at::Tensor& dR,
+                  at::Tensor& dC, at::Tensor& dscale, int64_t requested_rows) {
   const StripKernels& k = kernels_for(R);
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
@@ -229,8 +246,7 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sc
     const at::Tensor Rb = R.narrow(0, r0, rn);
     at::Tensor w = mm_acc(Rb, Ct);
     at::Tensor ds = ds_rows.narrow(0, 0, rn);
-    k.softmax_grad(w, scale, lse_rows.narrow(0, r0, rn), g_rows.narrow(0, r0, rn), lse_cols,
-                   g_cols, ds);
+    k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
     dscale.add_(ds.sum());
     // Like flash-attention, the weights go back to the input precision for the
     // tensor-core products; accumulation stays in fp32.
@@ -248,21 +264,40 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sc
   dC.mul_(scale);
 }
 
+// The label logits' dot products a_i·b_{i+offset}, and (with label smoothing) the mean
+// logits' a_i·mean(b): O(N·d), in the accumulation dtype.
+struct LabelDots {
+  at::Tensor label, mean;
+};
+
+LabelDots label_dots(const at::Tensor& a, const at::Tensor& b, int64_t offset, double eps) {
+  const at::Tensor a32 = a.to(acc_type(a)), b32 = b.to(acc_type(a));
+  LabelDots out{(a32 * b32.narrow(0, offset, a.size(0))).sum(1), at::Tensor()};
+  if (eps != 0.0) out.mean = at::mv(a32, b32.mean(0));
+  return out;
+}
+
+// ce - nll = x_label - sum_j y_j x_j = s·ε·(label - mean).
+at::Tensor smoothed(const at::Tensor& nll, const LabelDots& t, const at::Tensor& s, double eps) {
+  if (eps == 0.0) return nll;
+  return nll + (t.label - t.mean) * s * eps;
+}
+
 // ---------------------------------------------------------------- checks
 
 void check_features(const char* name, const at::Tensor& t, const at::Tensor& like,
                     const char* like_name, bool same_width) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "himo_fast dual_lse: ", name, " must be 2-D, got shape ",
+  TORCH_CHECK_VALUE(t.dim() == 2, "himo_fast dual_ce: ", name, " must be 2-D, got shape ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "himo_fast dual_lse: ", name,
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "himo_fast dual_ce: ", name,
                    " has dtype ", t.scalar_type(), " but img_r has ", like.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), "himo_fast dual_lse: ", name, " is on ",
+  TORCH_CHECK_VALUE(t.device() == like.device(), "himo_fast dual_ce: ", name, " is on ",
                     t.device(), " but img_r is on ", like.device());
   if (same_width) {
-    TORCH_CHECK_VALUE(t.size(1) == like.size(1), "himo_fast dual_lse: ", name,
+    TORCH_CHECK_VALUE(t.size(1) == like.size(1), "himo_fast dual_ce: ", name,
                       " has feature dim ", t.size(1), " but ", like_name, " has ", like.size(1));
   }
-  TORCH_CHECK_VALUE(t.is_contiguous(), "himo_fast dual_lse: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "himo_fast dual_ce: ", name, " must be contiguous");
 }
 
 // One branch of the dual InfoNCE: rows (a_r, b_r) against columns (a_c, b_c); logits are
@@ -281,14 +316,17 @@ Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::
                     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
                     const c10::optional<at::Tensor>& txt_c,
                     const c10::optional<at::Tensor>& cimg_c,
-                    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale) {
+                    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
+                    int64_t label_offset, double label_smoothing) {
   const auto dt = img_r.scalar_type();
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
+                    "himo_fast dual_ce: label_smoothing must be in [0, 1), got ", label_smoothing);
   if (img_r.is_cpu()) {
     TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble,
-                     "himo_fast dual_lse: CPU inputs must be float32 or float64, got ", dt);
+                     "himo_fast dual_ce: CPU inputs must be float32 or float64, got ", dt);
   } else {
     TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                     "himo_fast dual_lse: CUDA inputs must be float32, bfloat16 or float16, got ",
+                     "himo_fast dual_ce: CUDA inputs must be float32, bfloat16 or float16, got ",
                      dt);
   }
   // The component branch may live in its own width (HiDe's factorised form).
@@ -297,32 +335,39 @@ Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::
   check_features("cimg_r", cimg_r, img_r, "img_r", false);
   check_features("comp_r", comp_r, cimg_r, "cimg_r", true);
   const int64_t B = img_r.size(0);
-  TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_lse: empty batch");
+  TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_ce: empty batch");
   TORCH_CHECK_VALUE(txt_r.size(0) == B && cimg_r.size(0) == B && comp_r.size(0) == B,
-                    "himo_fast dual_lse: row tensors must have the same number of rows, got ",
+                    "himo_fast dual_ce: row tensors must have the same number of rows, got ",
                     B, ", ", txt_r.size(0), ", ", cimg_r.size(0), ", ", comp_r.size(0));
   TORCH_CHECK_VALUE(scale.numel() == 1 && scale.dim() <= 1,
-                    "himo_fast dual_lse: scale must be 0-d or 1 element, got shape ",
+                    "himo_fast dual_ce: scale must be 0-d or 1 element, got shape ",
                     scale.sizes());
-  TORCH_CHECK_VALUE(scale.device() == img_r.device(), "himo_fast dual_lse: scale is on ",
+  TORCH_CHECK_VALUE(scale.device() == img_r.device(), "himo_fast dual_ce: scale is on ",
                     scale.device(), " but img_r is on ", img_r.device());
   TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()),
-                   "himo_fast dual_lse: scale must be floating point, got ",
+                   "himo_fast dual_ce: scale must be floating point, got ",
                    scale.scalar_type());
   const int given = int(img_c.has_value()) + int(txt_c.has_value()) +
                     int(cimg_c.has_value()) + int(comp_c.has_value());
   TORCH_CHECK_VALUE(given == 0 || given == 4,
-                    "himo_fast dual_lse: pass all four column tensors or none (square)");
-  if (given == 0) return {{img_r, txt_r, img_r, txt_r, true}, {cimg_r, comp_r, cimg_r, comp_r, true}, B, B};
+                    "himo_fast dual_ce: pass all four column tensors or none (square)");
+  if (given == 0) {
+    TORCH_CHECK_VALUE(label_offset == 0, "himo_fast dual_ce: label_offset must be 0 without "
+                      "columns (square case), got ", label_offset);
+    return {{img_r, txt_r, img_r, txt_r, true}, {cimg_r, comp_r, cimg_r, comp_r, true}, B, B};
+  }
   check_features("img_c", *img_c, img_r, "img_r", true);
   check_features("txt_c", *txt_c, img_r, "img_r", true);
   check_features("cimg_c", *cimg_c, cimg_r, "cimg_r", true);
   check_features("comp_c", *comp_c, cimg_r, "cimg_r", true);
   const int64_t N = img_c->size(0);
   TORCH_CHECK_VALUE(txt_c->size(0) == N && cimg_c->size(0) == N && comp_c->size(0) == N,
-                    "himo_fast dual_lse: column tensors must have the same number of rows, got ",
+                    "himo_fast dual_ce: column tensors must have the same number of rows, got ",
                     N, ", ", txt_c->size(0), ", ", cimg_c->size(0), ", ", comp_c->size(0));
-  TORCH_CHECK_VALUE(N >= B, "himo_fast dual_lse: ", N, " columns < ", B, " rows");
+  TORCH_CHECK_VALUE(N >= B, "himo_fast dual_ce: ", N, " columns < ", B, " rows");
+  TORCH_CHECK_VALUE(label_offset >= 0 && label_offset + B <= N, "himo_fast dual_ce: "
+                    "label_offset must be in [0, ", N - B, "] for ", B, " rows and ", N,
+                    " columns, got ", label_offset);
   return {{img_r, txt_r, *img_c, *txt_c, false}, {cimg_r, comp_r, *cimg_c, *comp_c, false}, B, N};
 }
 
@@ -330,89 +375,113 @@ at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& like) {
   return scale.reshape({}).to(acc_type(like)).contiguous();
 }
 
-// Forward of one branch into two rows of the [4, B] result.
-void branch_forward(const Branch& br, const at::Tensor& s, at::Tensor lse_ab, at::Tensor lse_ba,
+// Forward of one branch: the cross entropies and nlls of its two directions.
+void branch_forward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
+                    at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab, at::Tensor nll_ba,
                     int64_t strip) {
+  const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps);
+  const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps);
+  const at::Tensor ref_ab = t_ab.label * s, ref_ba = t_ba.label * s;
   if (br.square) {
     // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
     at::Tensor cols;
-    job_forward(br.a_r, br.b_r, s, lse_ab, &cols, strip);
-    lse_ba.copy_(cols);
+    job_forward(br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip);
+    nll_ba.copy_(cols);
   } else {
-    job_forward(br.a_r, br.b_c, s, lse_ab, nullptr, strip);
-    job_forward(br.b_r, br.a_c, s, lse_ba, nullptr, strip);
+    job_forward(br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip);
+    job_forward(br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip);
   }
+  ce_ab.copy_(smoothed(nll_ab, t_ab, s, eps));
+  ce_ba.copy_(smoothed(nll_ba, t_ba, s, eps));
+}
+
+// The backward data of one direction: ce = lse - sum_j y_j x_j with y = ε/N off the label
+// and ε/N + 1 - ε at it; nll = lse - x_label.
+Side side(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t offset,
+          double eps, const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll) {
+  const double y_off = eps / double(b.size(0)), y_on = y_off + (1.0 - eps);
+  return {nll, label_dots(a, b, offset, 0.0).label * s, g_ce + g_nll, g_ce * y_off,
+          g_ce * y_on + g_nll};
 }
 
 // Backward of one branch: gradients of its four inputs (two when square) into out.
-void branch_backward(const Branch& br, const at::Tensor& s, const at::Tensor& l_ab,
-                     const at::Tensor& g_ab, const at::Tensor& l_ba, const at::Tensor& g_ba,
+// nll, g_ce, g_nll: [2, B], directions ab and ba.
+void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
+                     const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll,
                      at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip) {
   const auto opts = br.a_r.options().dtype(acc_type(br.a_r));
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
   const int64_t da = br.a_r.size(1);
+  const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0]);
+  const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1]);
   if (br.square) {
     at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
-    job_backward(br.a_r, br.b_r, s, l_ab, g_ab, l_ba, g_ba, d_a, d_b, dscale, strip);
+    job_backward(br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip);
     const at::Tensor none = at::empty({0}, br.a_r.options());
     out.insert(out.end(), {cast(d_a), cast(d_b), none, none});
     return;
   }
-  const at::Tensor undefined;
   at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
-  job_backward(br.a_r, br.b_c, s, l_ab, g_ab, undefined, undefined, d_a_r, d_b_c, dscale, strip);
+  job_backward(br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip);
   at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
-  job_backward(br.b_r, br.a_c, s, l_ba, g_ba, undefined, undefined, d_b_r, d_a_c, dscale, strip);
+  job_backward(br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip);
   out.insert(out.end(), {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)});
 }
 
 }  // namespace
 
 const StripKernels& cpu_kernels() {
-  static const StripKernels k{cpu_row_lse, cpu_col_merge, cpu_softmax_grad};
+  static const StripKernels k{cpu_row_nll, cpu_col_merge, cpu_ce_grad};
   return k;
 }
 
-at::Tensor dual_lse_impl(const at::Tensor& img_r, const at::Tensor& txt_r,
-                         const at::Tensor& cimg_r, const at::Tensor& comp_r,
-                         const c10::optional<at::Tensor>& img_c,
-                         const c10::optional<at::Tensor>& txt_c,
-                         const c10::optional<at::Tensor>& cimg_c,
-                         const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
-                         int64_t strip) {
+std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
+    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
+    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
+    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
+    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
+    double label_smoothing, int64_t strip) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
-                                 scale);
+                                 scale, label_offset, label_smoothing);
   const at::Tensor s = scale_acc(scale, img_r);
-  at::Tensor lse = at::empty({4, in.B}, img_r.options().dtype(acc_type(img_r)));
-  branch_forward(in.global, s, lse[0], lse[1], strip);
-  branch_forward(in.comp, s, lse[2], lse[3], strip);
-  return lse;
+  const auto opts = img_r.options().dtype(acc_type(img_r));
+  at::Tensor ce = at::empty({4, in.B}, opts), nll = at::empty({4, in.B}, opts);
+  branch_forward(in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0], nll[1], strip);
+  branch_forward(in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2], nll[3], strip);
+  return {ce, nll};
 }
 
-std::vector<at::Tensor> dual_lse_backward_impl(
-    const at::Tensor& grad_lse, const at::Tensor& lse, const at::Tensor& img_r,
-    const at::Tensor& txt_r, const at::Tensor& cimg_r, const at::Tensor& comp_r,
-    const c10::optional<at::Tensor>& img_c, const c10::optional<at::Tensor>& txt_c,
-    const c10::optional<at::Tensor>& cimg_c, const c10::optional<at::Tensor>& comp_c,
-    const at::Tensor& scale, int64_t strip) {
+std::vector<at::Tensor> dual_ce_backward_impl(
+    const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
+    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
+    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
+    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
+    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
+    double label_smoothing, int64_t strip) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
-                                 scale);
+                                 scale, label_offset, label_smoothing);
   const auto acc = acc_type(img_r);
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({4, in.B}) && grad_lse.sizes() == lse.sizes(),
-                    "himo_fast dual_lse_backward: lse and grad_lse must have shape [4, ", in.B,
-                    "], got ", lse.sizes(), " and ", grad_lse.sizes());
+  const std::vector<int64_t> shape{4, in.B};
+  TORCH_CHECK_VALUE(nll.sizes() == at::IntArrayRef(shape) && grad_ce.sizes() == nll.sizes() &&
+                        grad_nll.sizes() == nll.sizes(),
+                    "himo_fast dual_ce_backward: nll, grad_ce and grad_nll must have shape [4, ",
+                    in.B, "], got ", nll.sizes(), ", ", grad_ce.sizes(), " and ", grad_nll.sizes());
   const at::Tensor s = scale_acc(scale, img_r);
-  const at::Tensor g = grad_lse.to(acc).contiguous(), l = lse.to(acc).contiguous();
+  auto ready = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const at::Tensor g_ce = ready(grad_ce), g_nll = ready(grad_nll), l = ready(nll);
   at::Tensor dscale = at::zeros({}, img_r.options().dtype(acc));
   // Per branch: d a_r, d b_r, d a_c, d b_c (the last two empty when square).
   std::vector<at::Tensor> grads;
-  branch_backward(in.global, s, l[0], g[0], l[1], g[1], dscale, grads, strip);
-  branch_backward(in.comp, s, l[2], g[2], l[3], g[3], dscale, grads, strip);
+  auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
+  branch_backward(in.global, s, label_offset, label_smoothing, two(l, 0), two(g_ce, 0),
+                  two(g_nll, 0), dscale, grads, strip);
+  branch_backward(in.comp, s, label_offset, label_smoothing, two(l, 2), two(g_ce, 2),
+                  two(g_nll, 2), dscale, grads, strip);
   // Order of the op's inputs: rows (img, txt, cimg, comp), columns (same), scale.
   return {grads[0], grads[1], grads[4], grads[5], grads[2], grads[3], grads[6], grads[7], dscale};
 }

@@ -1,6 +1,6 @@
 // CUDA elementwise kernels of the dual InfoNCE strip driver (dual_infonce.cpp). The strip
 // GEMMs are cuBLAS (tensor cores for bf16/fp16, fp32 accumulation and output); these
-// kernels are the fused log-sum-exp / softmax-gradient passes over each strip, using the
+// kernels are the fused log-sum-exp / cross-entropy-gradient passes over each strip, using the
 // same per-element math (tile_math.h) as the CPU kernels. No host synchronisation: the
 // scale is read from device memory and every reduction stays on the device.
 #include <c10/cuda/CUDAStream.h>
@@ -29,9 +29,10 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// One block per row: out[r] = logsumexp_j(scale * dots[r, j]).
-__global__ void row_lse_kernel(const float* __restrict__ dots, int64_t len,
-                               const float* __restrict__ scale, float* __restrict__ out) {
+// One block per row: out[r] = logsumexp_j(scale * dots[r, j]) - ref[r].
+__global__ void row_nll_kernel(const float* __restrict__ dots, int64_t len,
+                               const float* __restrict__ scale, const float* __restrict__ ref,
+                               float* __restrict__ out) {
   __shared__ float smax[kWarps], ssum[kWarps];
   const float s = *scale;
   const float* row = dots + blockIdx.x * len;
@@ -47,7 +48,7 @@ __global__ void row_lse_kernel(const float* __restrict__ dots, int64_t len,
   if (warp == 0) {
     st = lane < kWarps ? LseState<float>{smax[lane], ssum[lane]} : lse_empty<float>();
     st = warp_lse(st);
-    if (lane == 0) out[blockIdx.x] = lse_value(st);
+    if (lane == 0) out[blockIdx.x] = nll_value(st, ref[blockIdx.x]);
   }
 }
 
@@ -64,23 +65,28 @@ __global__ void col_merge_kernel(const float* __restrict__ dots, int64_t rows, i
   csum[j] = st.sum;
 }
 
-// One block per row: weights in place, ds_rows[r] = sum_j weight * dot.
-__global__ void softmax_grad_kernel(float* __restrict__ dots, int64_t cols,
-                                    const float* __restrict__ scale,
-                                    const float* __restrict__ lse_row,
-                                    const float* __restrict__ g_row,
-                                    const float* __restrict__ lse_col,
-                                    const float* __restrict__ g_col, float* __restrict__ ds_rows) {
+// Per-row (per-column) backward data of ce_weight (tile_math.h); nll null: absent.
+struct SidePtrs {
+  const float *nll, *ref, *gp, *c_off, *c_label;
+};
+
+// One block per row: cross-entropy weights in place, ds_rows[r] = sum_j weight * dot.
+__global__ void ce_grad_kernel(float* __restrict__ dots, int64_t cols,
+                               const float* __restrict__ scale, SidePtrs R, SidePtrs C,
+                               int64_t label_col0, float* __restrict__ ds_rows) {
   __shared__ float spart[kWarps];
   const float s = *scale;
-  const int64_t r = blockIdx.x;
+  const int64_t r = blockIdx.x, label = label_col0 + r;
   float* row = dots + r * cols;
-  const float l = lse_row[r], g = g_row[r];
+  const float ref = R.ref[r], nll = R.nll[r], gp = R.gp[r], c_off = R.c_off[r],
+              c_label = R.c_label[r];
   float ds = 0.f;
   for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
     const float dot = row[j], x = s * dot;
-    float w = softmax_weight(x, l, g);
-    if (lse_col != nullptr) w += softmax_weight(x, lse_col[j], g_col[j]);
+    const bool at_label = j == label;
+    float w = ce_weight(x, ref, nll, gp, at_label ? c_label : c_off);
+    if (C.nll != nullptr)
+      w += ce_weight(x, C.ref[j], C.nll[j], C.gp[j], at_label ? C.c_label[j] : C.c_off[j]);
     ds += w * dot;
     row[j] = w;
   }
@@ -99,11 +105,13 @@ void check_float(const at::Tensor& t, const char* name) {
               "himo_fast CUDA kernel: ", name, " must be a contiguous float32 CUDA tensor");
 }
 
-void cuda_row_lse(const at::Tensor& dots, const at::Tensor& scale, at::Tensor& out) {
+void cuda_row_nll(const at::Tensor& dots, const at::Tensor& scale, const at::Tensor& ref,
+                  at::Tensor& out) {
   check_float(dots, "dots");
   if (dots.size(0) == 0) return;
-  row_lse_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), out.data_ptr<float>());
+  row_nll_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), ref.data_ptr<float>(),
+      out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -118,23 +126,25 @@ void cuda_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void cuda_softmax_grad(at::Tensor& dots, const at::Tensor& scale,
-                       const at::Tensor& lse_row, const at::Tensor& g_row,
-                       const at::Tensor& lse_col, const at::Tensor& g_col, at::Tensor& ds_rows) {
+SidePtrs side_ptrs(const Side& side) {
+  if (!side.nll.defined()) return {};
+  return {side.nll.data_ptr<float>(), side.ref.data_ptr<float>(), side.gp.data_ptr<float>(),
+          side.c_off.data_ptr<float>(), side.c_label.data_ptr<float>()};
+}
+
+void cuda_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, const Side& cols,
+                  int64_t label_col0, at::Tensor& ds_rows) {
   check_float(dots, "dots");
-  const bool with_col = lse_col.defined();
-  softmax_grad_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(),
-      lse_row.data_ptr<float>(), g_row.data_ptr<float>(),
-      with_col ? lse_col.data_ptr<float>() : nullptr, with_col ? g_col.data_ptr<float>() : nullptr,
-      ds_rows.data_ptr<float>());
+  ce_grad_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), side_ptrs(rows),
+      side_ptrs(cols), label_col0, ds_rows.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 const StripKernels& cuda_kernels() {
-  static const StripKernels k{cuda_row_lse, cuda_col_merge, cuda_softmax_grad};
+  static const StripKernels k{cuda_row_nll, cuda_col_merge, cuda_ce_grad};
   return k;
 }
 

@@ -1,5 +1,5 @@
 // Tile math shared by the CPU and CUDA kernels of the dual InfoNCE: the online
-// log-sum-exp and the softmax-gradient weight. Both backends call exactly these
+// log-sum-exp and the cross-entropy gradient weight. Both backends call exactly these
 // functions per element, so what CI tests on the CPU is the arithmetic the GPU runs.
 #pragma once
 
@@ -44,16 +44,22 @@ HIMO_HD LseState<acc_t> lse_merge(LseState<acc_t> a, LseState<acc_t> b) {
   return {a.max, a.sum + b.sum * rescale(b.max, a.max)};
 }
 
+// The log-sum-exp relative to a reference logit of its row, lse - ref (see ce_weight).
 template <typename acc_t>
-HIMO_HD acc_t lse_value(LseState<acc_t> s) {
-  return s.max + std::log(s.sum);
+HIMO_HD acc_t nll_value(LseState<acc_t> s, acc_t ref) {
+  return (s.max - ref) + std::log(s.sum);
 }
 
-// d loss / d logit for one logit x = scale * dot that enters a row log-sum-exp `lse`
-// with upstream gradient g: g * softmax = g * exp(x - lse).
+// d loss / d logit for one logit x = scale * dot of a row whose log-sum-exp is saved
+// relative to a reference logit `ref` of that row (its label logit): nll = lse - ref. The
+// softmax is exp((x - ref) - nll): both differences are small where the softmax is near 1,
+// so it is accurate to the last bit there, which a single rounded lse (ulp(max)) is not.
+// The weight is gp * softmax - c (c: the upstream gradient times the target). Formed per
+// element, a row whose softmax is its target (one pair, a solved example) gets exactly 0,
+// not the difference of two rounded products.
 template <typename acc_t>
-HIMO_HD acc_t softmax_weight(acc_t x, acc_t lse, acc_t g) {
-  return g * std::exp(x - lse);
+HIMO_HD acc_t ce_weight(acc_t x, acc_t ref, acc_t nll, acc_t gp, acc_t c) {
+  return gp * std::exp((x - ref) - nll) - c;
 }
 
 }  // namespace himo
