@@ -6,6 +6,10 @@ and ``dual_infonce(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, s
 label_offset, label_smoothing) -> (global, comp)``. ``select`` picks one for a
 device: an explicit name, else $HIMO_FAST_BACKEND, else the first usable one in
 ``AUTO_ORDER``. Nothing else in the package looks at devices.
+
+Backends: ``reference`` (pure PyTorch), ``cpu`` (the compiled dual InfoNCE, csrc/),
+``cuda`` (its CUDA twin), ``triton`` (HiDe on the Triton kernels of himo_fast.kernels,
+on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
@@ -47,6 +51,33 @@ def _only_on(device_type: str, need_cuda: bool):
     return unavailable
 
 
+def _triton_unavailable(kind: str) -> str | None:
+    # CUDA tensors on a GPU; CPU tensors only through Triton's interpreter (CI's way to
+    # test the kernels). TRITON_INTERPRET is read when the kernels are first imported.
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "runs on CPU tensors only under TRITON_INTERPRET=1"
+    if kind not in ("cpu", "cuda"):
+        return f"runs on cuda tensors (or cpu under TRITON_INTERPRET=1), not {kind}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _hide_factors_triton(u, tau):
+    from . import kernels  # triton is imported only when this backend runs
+    return hide_factors(u, tau, sliced=False, ops=kernels.OPS)
+
+
+def _dual_infonce_compiled_or_reference(*args, **kwargs):
+    # The Triton backend's own kernels are HiDe's; the dual InfoNCE is the compiled one
+    # where the extension is built, else the reference.
+    if _extension.unavailable_reason(need_cuda=args[0].is_cuda) is None:
+        return dual_infonce.dual_infonce(*args, **kwargs)
+    return reference.dual_infonce_reference(*args, **kwargs)
+
+
 def _hide_factors_cpu(u, tau):
     # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
     # component branch then has width m+1). Under torch.compile the fixed-size masked
@@ -61,6 +92,9 @@ register(Backend("cpu", _hide_factors_cpu, dual_infonce.dual_infonce,
                  _only_on("cpu", need_cuda=False)))
 register(Backend("cuda", reference.hide_factors_reference, dual_infonce.dual_infonce,
                  _only_on("cuda", need_cuda=True)))
+# Triton HiDe kernels (kernels/): centring, Gram/covariance, the factor products.
+register(Backend("triton", _hide_factors_triton, _dual_infonce_compiled_or_reference,
+                 _triton_unavailable))
 
 
 def _device_type(device) -> str:

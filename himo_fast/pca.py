@@ -63,11 +63,17 @@ def numerical_zero(eigvals: torch.Tensor) -> torch.Tensor:
     return RELATIVE_ZERO * eps * eigvals.max().clamp(min=0)
 
 
-def principal_subspace(x: torch.Tensor, tau: float) -> Subspace:
-    """Exact symmetric eigendecomposition of the smaller of Gram / covariance of centred x."""
+def gram_or_cov(x: torch.Tensor, gram: bool) -> torch.Tensor:
+    """X̂X̂ᵀ (gram space) or X̂ᵀX̂ (cov space)."""
+    return x @ x.T if gram else x.T @ x
+
+
+def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov) -> Subspace:
+    """Exact symmetric eigendecomposition of the smaller of Gram / covariance of centred x
+    (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre)."""
     n, d = x.shape
     gram = n <= d
-    small = x @ x.T if gram else x.T @ x
+    small = small_matrix(x, gram)
     # eigh fails on non-finite input; NaN features still reach the loss through the
     # reconstruction product below, so the result is NaN, never a silent number.
     small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
@@ -102,15 +108,15 @@ def split(sub: Subspace, sliced: bool) -> Split:
                  keep_f[:, None] * (1.0 - keep_f)[None, :])
 
 
-def factor(x: torch.Tensor, sub: Subspace, parts: Split):
+def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul):
     """(Z, B) with X̂Π = Z Bᵀ (the centred reconstruction, never formed here).
 
     cov space:  Z = X̂ V_m (N x m), B = V_m (d x m)
     gram space: Z = U_m (N x m),   B = X̂ᵀ U_m (d x m)
     """
     if sub.gram:
-        return parts.kept, x.T @ parts.kept
-    return x @ parts.kept, parts.kept
+        return parts.kept, matmul(x.T, parts.kept)
+    return matmul(x, parts.kept), parts.kept
 
 
 def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tensor,

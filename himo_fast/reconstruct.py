@@ -15,28 +15,50 @@ that use them through Z Bᵀ, as the ones below do.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from .pca import (Subspace, Split, centring_backward, compute_dtype, factor, factor_backward,
-                  principal_subspace, split)
+                  gram_or_cov, principal_subspace, split)
+
+
+def _centre(u: torch.Tensor):
+    mean = u.mean(0, keepdim=True)
+    return mean, u - mean
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return a @ b if bias is None else torch.addmm(bias.reshape(1, -1), a, b)
+
+
+class HiDeOps(NamedTuple):
+    """The primitives HiDe is built from; one set per backend (torch, or the Triton
+    kernels of ``himo_fast.kernels``). ``product`` must be differentiable: consumers of
+    the factors (u', the component image) use it under autograd."""
+
+    centre: Callable  # u -> (ū as 1 x d, X̂)
+    small_matrix: Callable  # (X̂, gram) -> X̂X̂ᵀ or X̂ᵀX̂
+    product: Callable  # (a, b, bias=None) -> a @ b + bias
+
+
+TORCH_OPS = HiDeOps(_centre, gram_or_cov, _product)
 
 
 class Factors(NamedTuple):
     coords: torch.Tensor  # Z (N, a)
     basis: torch.Tensor  # B (d, a)
     mean: torch.Tensor  # ū (1, d)
+    ops: HiDeOps = TORCH_OPS  # what the consumers below compute their products with
 
 
 class _HiDeFactors(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: torch.Tensor, tau: float, sliced: bool):
-        mean = u.mean(0, keepdim=True)
-        x = u - mean
-        sub = principal_subspace(x, tau)
+    def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
+        mean, x = ops.centre(u)
+        sub = principal_subspace(x, tau, ops.small_matrix)
         parts = split(sub, sliced)
-        z, b = factor(x, sub, parts)
+        z, b = factor(x, sub, parts, ops.product)
         across = parts.across if parts.across is not None else x.new_empty(0)
         ctx.save_for_backward(x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept,
                               parts.lam_rest, across, z, b)
@@ -52,19 +74,20 @@ class _HiDeFactors(torch.autograd.Function):
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b
         grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
         grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
-        return centring_backward(grad_x, grad_mean), None, None
+        return centring_backward(grad_x, grad_mean), None, None, None
 
 
-def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False) -> Factors:
+def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,
+                 ops: HiDeOps = TORCH_OPS) -> Factors:
     """HiDe as factors, in at least float32. ``sliced``: exact-size factors (reads m, a
     host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask."""
     u = text_features.to(compute_dtype(text_features.dtype))
-    return Factors(*_HiDeFactors.apply(u, tau, sliced))
+    return Factors(*_HiDeFactors.apply(u, tau, sliced, ops), ops)
 
 
 def materialize(f: Factors) -> torch.Tensor:
     """u' = Z Bᵀ + ū."""
-    return torch.addmm(f.mean, f.coords, f.basis.T)
+    return f.ops.product(f.coords, f.basis.T, f.mean)
 
 
 def factored_is_cheaper(f: Factors) -> bool:
@@ -80,4 +103,4 @@ def component_text(f: Factors) -> torch.Tensor:
 def component_image(f: Factors, image: torch.Tensor) -> torch.Tensor:
     """[vB, vū]: images in the factored similarity, so that [vB, vū]·[Z, 1]ᵀ = v·u'ᵀ."""
     v = image.to(f.basis.dtype)
-    return torch.cat([v @ f.basis, v @ f.mean.T], 1)
+    return f.ops.product(v, torch.cat([f.basis, f.mean.T], 1))
