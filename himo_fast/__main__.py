@@ -1,4 +1,4 @@
-"""Main job until the training command lands: MoLo forward+backward on generated CLIP-like
+"""Quick check of the loss: MoLo forward+backward on generated CLIP-like
 features (SPEC 5: decaying text spectrum, shared mean direction, correlated images), per
 backend, printing the loss, the chosen m and the median time per step."""
 import argparse

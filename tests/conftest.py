@@ -1,8 +1,14 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter (set
+# before himo_fast.kernels is first imported); with one they run compiled on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from himo_fast.synthetic import clip_like_pairs
 
@@ -32,3 +38,14 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def triton_device():
+    """Where the Triton kernels run here: the GPU, else the CPU under the interpreter."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    pytest.importorskip("triton")
+    return torch.device("cpu")

@@ -16,4 +16,5 @@ def test_benchmark_suite_quick(tmp_path):
     runs = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     names = {b["name"] for b in runs}
     assert any("himo_fast" in n for n in names) and any("official" in n for n in names)
+    assert any("hide" in n and "official_svd" in n for n in names)
     assert all(b["extra_info"]["samples_per_s"] > 0 for b in runs)

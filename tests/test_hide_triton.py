@@ -1,0 +1,123 @@
+"""HiDe and the full loss through the ``triton`` backend (himo_fast.kernels) against the
+exact float64 reference: decaying and isotropic spectra, tau in {0.5, 0.9, 0.99}, odd
+N and d on both sides of N = d; the chosen m; gradients; degenerate batches."""
+import pytest
+import torch
+
+import himo_fast
+from himo_fast import pca
+from himo_fast.reference import hide_components, hide_reference
+from conftest import loss_rel, pairs, rel
+
+SHAPES = [(33, 48), (70, 31), (45, 45)]  # N < d, N > d, N = d
+
+
+@pytest.mark.parametrize("decay", [True, False], ids=["decaying", "isotropic"])
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_hide_equals_exact_reconstruction_and_m(triton_device, decay, tau, n, d):
+    from himo_fast.kernels import OPS
+    _, u = pairs(n, d, torch.float32, decay=decay, requires_grad=False)
+    u = u.to(triton_device)
+    ours = himo_fast.hide(u, tau, backend="triton")
+    exact = hide_reference(u.double().cpu(), tau)
+    assert ours.dtype == torch.float32 and ours.shape == u.shape
+    assert rel(ours.cpu(), exact) <= 1e-4
+    # The m the kernels' covariance gives is the exact one.
+    _, x = OPS.centre(u)
+    m_ours = pca.principal_subspace(x, tau, OPS.small_matrix).m
+    assert int(m_ours) == int(hide_components(u.double().cpu(), tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs(triton_device, dtype):
+    _, u = pairs(40, 24, torch.float64, requires_grad=False)
+    ours = himo_fast.hide(u.to(triton_device, dtype), 0.9, backend="triton")
+    assert ours.dtype == torch.float32
+    assert rel(ours.cpu(), hide_reference(u.to(dtype).double(), 0.9)) <= 1e-4
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
+    v, u = pairs(n, d, torch.float32, requires_grad=False)
+    v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()
+    s = torch.tensor(12.0, device=triton_device, requires_grad=True)
+    ours = himo_fast.MoLo(backend="triton")(v, u, s)
+    ours.backward()
+    v64, u64, s64 = (t.detach().double().cpu().requires_grad_() for t in (v, u, s))
+    ref = himo_fast.MoLo(backend="reference")(v64, u64, s64)
+    ref.backward()
+    assert loss_rel(ours, ref) <= 2e-4
+    for a, b in zip((v, u, s), (v64, u64, s64)):
+        assert torch.isfinite(a.grad).all()
+        assert rel(a.grad.cpu(), b.grad) <= 2e-4
+
+
+def test_float64_gradcheck_through_the_kernels(triton_device):
+    v, u = pairs(7, 5, torch.float64, requires_grad=False)
+    v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()
+    s = torch.tensor(6.0, dtype=torch.float64, device=triton_device, requires_grad=True)
+    loss = himo_fast.MoLo(tau=0.8, backend="triton")
+    assert torch.autograd.gradcheck(lambda a, b, c: loss(a, b, c), (v, u, s))
+
+
+def test_degenerate_batches_are_finite(triton_device):
+    base = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)
+    v, _ = pairs(6, 16, torch.float32, requires_grad=False)
+    cases = {"one pair": (v[:1], base), "identical captions": (v, base.expand(6, 16))}
+    for name, (img, txt) in cases.items():
+        img = img.to(triton_device).clone().requires_grad_()
+        txt = txt.to(triton_device).clone().requires_grad_()
+        s = torch.tensor(10.0, device=triton_device, requires_grad=True)
+        out = himo_fast.MoLo(backend="triton")(img, txt, s)
+        out.backward()
+        assert torch.isfinite(out), name
+        for t in (img, txt, s):
+            assert torch.isfinite(t.grad).all(), name
+
+
+# The eigendecomposition of the small matrix is torch.linalg.eigh, which checks cuSOLVER's
+# info flag on the host: a sync (expected, unverified on a GPU). A sync-free eigensolver
+# (subspace iteration + a device-side small eigh) is the open part of issue 4; these tests
+# say when it lands (XPASS) and keep the requirement visible until then.
+EIGH_SYNCS = pytest.mark.xfail(reason="torch.linalg.eigh syncs to check cuSOLVER's info",
+                               strict=False)
+
+
+def _molo_step(v, u, s):
+    for t in (v, u, s):
+        t.grad = None
+    loss = himo_fast.MoLo(backend="triton")(v, u, s)
+    loss.backward()
+    return loss
+
+
+@EIGH_SYNCS
+def test_cuda_no_host_sync_in_forward_backward(cuda):
+    v, u = (t.to(cuda).requires_grad_() for t in pairs(96, 64, torch.float32, requires_grad=False))
+    s = torch.tensor(10.0, device=cuda, requires_grad=True)
+    _molo_step(v, u, s)  # warm-up: Triton compiles, cuBLAS initialises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _molo_step(v, u, s)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@EIGH_SYNCS
+def test_cuda_graph_capture_of_forward_backward(cuda):
+    v, u = (t.to(cuda).requires_grad_() for t in pairs(96, 64, torch.float32, requires_grad=False))
+    s = torch.tensor(10.0, device=cuda, requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            eager = _molo_step(v, u, s).detach().clone()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _molo_step(v, u, s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(captured, eager)
