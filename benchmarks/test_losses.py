@@ -41,7 +41,10 @@ def _inputs(B, N, dtype):
         v, u = clip_like_pairs(N, D, dtype, DEVICE, g)
         # this rank's rows are the last slice of the gathered batch (label offset N - B)
         rows = [t[N - B:].clone().requires_grad_() for t in (v, u)]
-        sets.append((rows, v, u))
+        # The other ranks' components arrive by all_gather on a real rank: computed here,
+        # once, outside the timed step (each rank runs HiDe on its own B texts only).
+        others = official_hide(u[: N - B], 0.9) if N > B else None
+        sets.append((rows, v, u, others))
     return sets
 
 
@@ -49,12 +52,11 @@ def _himo(B, N, tau=0.9, eps=0.1):
     impl = backends.select("auto", DEVICE)
     if B == N:
         loss = himo_fast.MoLo(tau=tau, label_smoothing=eps)
-        return lambda rows, v, u, s: loss(*rows, s)
+        return lambda rows, v, u, others, s: loss(*rows, s)
 
-    def step(rows, v, u, s):  # one rank of the local-loss recipe; other ranks' columns fixed
+    def step(rows, v, u, others, s):  # one rank of the local-loss recipe
         vl, ul = rows
         comp = materialize(impl.hide_factors(ul, tau))
-        others = official_hide(u[: N - B], tau)  # stands for the other ranks' components
         all_v = torch.cat([v[: N - B], vl])
         all_u = torch.cat([u[: N - B], ul])
         all_c = torch.cat([others, comp])
@@ -65,11 +67,12 @@ def _himo(B, N, tau=0.9, eps=0.1):
 
 def _official(B, N, tau=0.9, eps=0.1):
     if B == N:
-        return lambda rows, v, u, s: sum(official_loss(*rows, s, tau=tau, eps=eps))
-    def step(rows, v, u, s):
+        return lambda rows, v, u, others, s: sum(official_loss(*rows, s, tau=tau, eps=eps))
+
+    def step(rows, v, u, others, s):
         vl, ul = rows
         comp = official_hide(ul, tau)
-        all_c = torch.cat([official_hide(u[: N - B], tau), comp])
+        all_c = torch.cat([others, comp])
         return sum(official_loss(vl, ul, s, tau=tau, eps=eps, all_image=torch.cat([v[: N - B], vl]),
                                  all_text=torch.cat([u[: N - B], ul]), all_comp=all_c, comp=comp,
                                  rank=(N - B) // B))
@@ -77,7 +80,7 @@ def _official(B, N, tau=0.9, eps=0.1):
 
 
 def _clip(B, N, eps=0.0):
-    def step(rows, v, u, s):  # open_clip ClipLoss's math (global branch only), local rows
+    def step(rows, v, u, others, s):  # open_clip ClipLoss's math (global branch only), local rows
         vl, ul = rows
         all_v, all_u = torch.cat([v[: N - B], vl]), torch.cat([u[: N - B], ul])
         labels = torch.arange(N - B, N, device=vl.device)
@@ -122,11 +125,11 @@ def test_forward_backward(benchmark, workload, impl):
     state = {"i": 0}
 
     def step():
-        rows, v, u = sets[state["i"] % ROTATE]
+        rows, v, u, others = sets[state["i"] % ROTATE]
         state["i"] += 1
         for t in (*rows, s):
             t.grad = None
-        fn(rows, v, u, s).backward()
+        fn(rows, v, u, others, s).backward()
         _sync()
 
     try:
