@@ -52,8 +52,7 @@ const StripKernels& cuda_kernels();
 // square single-rank case, columns = rows. Row i's label is column i + label_offset.
 // Returns (ce, nll), both [4, B]: the label-smoothed cross entropy of each row of the four
 // logit matrices, and the plain one, lse - label logit (saved for the backward).
-// strip_rows > 0 forces the
-// strip height (tests); 0 picks it from a memory bound.
+// strip_rows > 0 forces the strip height (tests); 0 picks it from a memory bound.
 std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
     const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,

@@ -4,9 +4,10 @@ for the ``himo_fast::dual_ce`` ops, and the loss assembled from them.
 The op returns, for each row of the four logit matrices (image→text and text→image, global
 and component branch), the label-smoothed cross entropy ``lse - Σ_j y_j·x_j`` and the
 plain one ``nll = lse - x_label``, saved for the backward: the softmax is recomputed as
-``exp((x - x_label) - nll)``, exact to the last bit where it is near 1. Tiled: O(N·d) memory, both branches and both
-directions at once. The backward forms ``g·(softmax - y)`` per logit, so a row whose
-softmax is its target (one pair, a solved example) gets exactly zero gradient.
+``exp((x - x_label) - nll)``, exact to the last bit where it is near 1. Tiled: O(N·d)
+memory, both branches and both directions at once. The backward forms ``g·(softmax - y)``
+per logit, so a row whose softmax is its target (one pair, a solved example) gets exactly
+zero gradient.
 """
 from __future__ import annotations
 

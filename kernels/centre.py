@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_matrix, dot_precision
+from .common import DOT_PRECISION, acc_dtype, check_matrix
 
 
 @triton.jit
@@ -91,5 +91,5 @@ def gram_or_cov(x: torch.Tensor, gram: bool) -> torch.Tensor:
     tiles = triton.cdiv(k, block)
     _syrk_kernel[(tiles * (tiles + 1) // 2,)](
         x, out, r, k, stride_r, stride_k, BLOCK=block, BLOCK_R=32,
-        PRECISION=dot_precision(x.dtype))
+        PRECISION=DOT_PRECISION)
     return out

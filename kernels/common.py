@@ -9,10 +9,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # IEEE products, never TF32: the explained-variance cutoff and the eigen-gaps of the
-    # gradient read the small end of the spectrum, which TF32's 10-bit mantissa blurs.
-    return "ieee"
+# tl.dot precision: IEEE products, never TF32. The explained-variance cutoff and the
+# eigen-gaps of the gradient read the small end of the spectrum, which TF32's 10-bit
+# mantissa blurs.
+DOT_PRECISION = "ieee"
 
 
 def check_matrix(name: str, t: torch.Tensor) -> None:

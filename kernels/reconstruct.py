@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_matrix, dot_precision
+from .common import DOT_PRECISION, acc_dtype, check_matrix
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def masked_matmul(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = 
     _masked_matmul_kernel[grid](
         a, b, mask_c, bias_c, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=dot_precision(acc))
+        BLOCK_K=block_k, PRECISION=DOT_PRECISION)
     return out
 
 
