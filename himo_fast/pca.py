@@ -8,15 +8,19 @@ eigenvalues, and the reconstruction is the same projection seen from either side
     gram space:  u' - ū = P_U X     (P_U projects onto the top-m eigenvectors of X Xᵀ)
     cov space:   u' - ū = X P_V     (P_V projects onto the top-m eigenvectors of Xᵀ X)
 
-The small matrix is decomposed in full, so its null space is explicit and no division
-by a singular value is ever needed. The cutoff m is a tensor and the kept set a mask
-over the fixed-size basis: no host synchronisation.
+The small matrix is decomposed in full (``torch.linalg.eigh``), or, where that is the
+cost that matters (``partial=True``: a large small side), only its top r eigenpairs are
+computed by subspace iteration (subspace_iteration.py) and the rest of the space is
+handled implicitly (the gradient's complement term). No division by a singular value is
+ever needed. The cutoff m is a tensor and the kept set a mask over the fixed-size basis.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+from .subspace_iteration import deflated_resolvent, start_block, top_eigenpairs
 
 # Variance floor in the explained-variance ratio (the authors' max(Σλ, 1e-8)).
 TOTAL_VARIANCE_FLOOR = 1e-8
@@ -25,6 +29,17 @@ TOTAL_VARIANCE_FLOOR = 1e-8
 # (undefined) eigenvectors never enter the gradient. The same bound clamps the gap
 # λ_i - λ_j for pairs across the cutoff.
 RELATIVE_ZERO = 32.0
+# Partial eigensolver policy: the block must reach below the cutoff with θ_r <= MAX_RATIO·θ_m
+# (else it doubles); blocks of half the matrix or more are not worth it (full eigh).
+MAX_RATIO = 0.7
+
+
+class Complement(NamedTuple):
+    """What a partial basis leaves out, for the gradient: the eigenspaces of ``matrix``
+    outside the block, whose eigenvalues are at most ratio·θ_m."""
+
+    matrix: torch.Tensor  # (k, k) the small matrix
+    ratio: float
 
 
 class Subspace(NamedTuple):
@@ -35,6 +50,7 @@ class Subspace(NamedTuple):
     keep: torch.Tensor  # (k,) bool: inside the top-m subspace and numerically non-zero
     m: torch.Tensor  # () int64: the chosen number of components (the authors' m)
     gram: bool  # True: basis lives in sample space (k = N); False: feature space (k = d)
+    complement: Complement | None = None  # None: the basis is complete (k columns)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,21 +84,64 @@ def gram_or_cov(x: torch.Tensor, gram: bool) -> torch.Tensor:
     return x @ x.T if gram else x.T @ x
 
 
-def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov) -> Subspace:
-    """Exact symmetric eigendecomposition of the smaller of Gram / covariance of centred x
-    (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre)."""
+def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
+                       partial: bool = False, warm: torch.Tensor | None = None) -> Subspace:
+    """Eigendecomposition of the smaller of Gram / covariance of centred x
+    (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre).
+
+    ``partial``: the top eigenpairs only, by subspace iteration, where that pays; the
+    policy (block size, growth, full fallback) reads the block's Ritz values on the host,
+    which is free on a CPU and a sync on a GPU. ``warm``: a previous basis to start from.
+    The chosen m is the exact one either way (tests/test_subspace_iteration.py).
+    """
     n, d = x.shape
     gram = n <= d
     small = small_matrix(x, gram)
     # eigh fails on non-finite input; NaN features still reach the loss through the
     # reconstruction product below, so the result is NaN, never a silent number.
     small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
+    if partial:
+        sub = _partial_subspace(small, tau, gram, warm)
+        if sub is not None:
+            return sub
     eigvals, basis = torch.linalg.eigh(small)
     eigvals = eigvals.flip(0).clamp(min=0)
     basis = basis.flip(1)
     m, inside = cutoff_from_eigvals(eigvals, tau)
     keep = inside & (eigvals > numerical_zero(eigvals))
     return Subspace(basis, eigvals, keep, m, gram)
+
+
+def first_block_size(k: int, warm: torch.Tensor | None) -> int:
+    """r ≈ 2m + 16: twice the previous cutoff when warm, else a tenth of the space as the
+    guess for m (CLIP-like spectra: 38 of 128, 72 of 768)."""
+    m_guess = warm.shape[1] // 2 if warm is not None else k // 10
+    return max(32, 2 * m_guess + 16)
+
+
+def _partial_subspace(small: torch.Tensor, tau: float, gram: bool, warm) -> Subspace | None:
+    """Top eigenpairs of ``small`` by subspace iteration, the block doubled until it
+    reaches below the cutoff with a gap (θ_r <= MAX_RATIO·θ_m) and converges; None when
+    the block would be half the matrix or more (a full eigh is then as cheap)."""
+    k = small.shape[0]
+    total = small.diagonal().sum()  # the exact total variance, whatever the block holds
+
+    def cut(theta):
+        return int(cutoff_from_eigvals(theta, tau, total)[0])
+
+    largest = (k - 1) // 2
+    r = min(first_block_size(k, warm), largest)
+    while r >= 2:
+        found = top_eigenpairs(small, r, cut, MAX_RATIO, start=start_block(k, r, small, warm))
+        if found is not None:
+            theta, block, ratio = found
+            m, inside = cutoff_from_eigvals(theta, tau, total)
+            keep = inside & (theta > numerical_zero(theta))
+            return Subspace(block, theta, keep, m, gram, Complement(small, ratio))
+        if r == largest:
+            return None
+        r = min(2 * r, largest)
+    return None
 
 
 class Split(NamedTuple):
@@ -93,6 +152,7 @@ class Split(NamedTuple):
     lam_kept: torch.Tensor  # (a,)
     lam_rest: torch.Tensor  # (r,)
     across: torch.Tensor | None  # (a, r) 1 where (kept, rest) is a real pair; None: all are
+    complement: Complement | None = None  # directions in neither block (partial basis)
 
 
 def split(sub: Subspace, sliced: bool) -> Split:
@@ -102,10 +162,10 @@ def split(sub: Subspace, sliced: bool) -> Split:
         kept_idx = sub.keep.nonzero().squeeze(1)
         rest_idx = (~sub.keep).nonzero().squeeze(1)
         return Split(sub.basis[:, kept_idx], sub.basis[:, rest_idx], sub.eigvals[kept_idx],
-                     sub.eigvals[rest_idx], None)
+                     sub.eigvals[rest_idx], None, sub.complement)
     keep_f = sub.keep.to(sub.basis.dtype)
     return Split(sub.basis * keep_f, sub.basis * (1.0 - keep_f), sub.eigvals, sub.eigvals,
-                 keep_f[:, None] * (1.0 - keep_f)[None, :])
+                 keep_f[:, None] * (1.0 - keep_f)[None, :], sub.complement)
 
 
 def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul):
@@ -129,6 +189,11 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     ∂L/∂X̂ = R̄Π + 2 X̂ C̄ (cov) or P R̄ + 2 C̄ X̂ (gram) with C̄ = kept K restᵀ + rest Kᵀ keptᵀ.
     Every product is O(N·d·m) or O(k²·m): R̄ and the d x d / N x N matrices are never formed.
     The gap is clamped (ties across the cutoff give a finite gradient, never NaN).
+
+    Column i of W = rest Kᵀ is Σ_j rest_j (rest_jᵀ S v_i)/(λ_i − λ_j), the resolvent
+    (λ_i − A)⁻¹ on the rest applied to S v_i. With a partial basis the rest is only partly
+    known, so that resolvent is solved on the complement of the kept vectors instead
+    (deflated by the block's other Ritz vectors; no further eigenvectors needed).
     """
     lam = sub.eigvals
     floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
@@ -140,11 +205,17 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     k12 = (parts.rest.T @ s_kept).T / gap
     if parts.across is not None:
         k12 = k12 * parts.across
+    if parts.complement is None:
+        w = parts.rest @ k12.T
+    else:  # the rest is the block's other Ritz vectors plus everything outside the block
+        c = parts.complement
+        w = deflated_resolvent(c.matrix, parts.kept, parts.lam_kept, parts.rest,
+                               parts.lam_rest, s_kept, c.ratio, floor)
     if sub.gram:
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
-        return z @ grad_b.T + 2.0 * ((z @ (k12 @ parts.rest.T)) @ x + (parts.rest @ k12.T) @ b.T)
+        return z @ grad_b.T + 2.0 * ((z @ w.T) @ x + w @ b.T)
     # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
-    return grad_z @ b.T + 2.0 * (z @ (k12 @ parts.rest.T) + (x @ (parts.rest @ k12.T)) @ b.T)
+    return grad_z @ b.T + 2.0 * (z @ w.T + (x @ w) @ b.T)
 
 
 def centring_backward(grad_x: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:
