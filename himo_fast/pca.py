@@ -32,6 +32,9 @@ RELATIVE_ZERO = 32.0
 # Partial eigensolver policy: the block must reach below the cutoff with θ_r <= MAX_RATIO·θ_m
 # (else it doubles); blocks of half the matrix or more are not worth it (full eigh).
 MAX_RATIO = 0.7
+# Small sides are decomposed in full whatever is asked: eigh of 128² costs 1.2 ms on the
+# CPU, less than one failed block (measured, benchmarks/README.md).
+PARTIAL_MIN_SIZE = 256
 
 
 class Complement(NamedTuple):
@@ -124,6 +127,8 @@ def _partial_subspace(small: torch.Tensor, tau: float, gram: bool, warm) -> Subs
     reaches below the cutoff with a gap (θ_r <= MAX_RATIO·θ_m) and converges; None when
     the block would be half the matrix or more (a full eigh is then as cheap)."""
     k = small.shape[0]
+    if k < PARTIAL_MIN_SIZE:
+        return None
     total = small.diagonal().sum()  # the exact total variance, whatever the block holds
 
     def cut(theta):

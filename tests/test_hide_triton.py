@@ -53,10 +53,11 @@ def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
         assert rel(a.grad.cpu(), b.grad) <= 2e-4
 
 
-def test_subspace_iteration_path_through_the_kernels(triton_device):
+def test_subspace_iteration_path_through_the_kernels(triton_device, monkeypatch):
     # A small side big enough for a partial block (2r < k): the backend's eigenpairs come
     # from subspace iteration, on the kernels' covariance, with the complement gradient.
     from himo_fast.kernels import OPS
+    monkeypatch.setattr(pca, "PARTIAL_MIN_SIZE", 0)  # in use from 256; small here (speed)
     v, u = pairs(170, 130, torch.float32, requires_grad=False)
     v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()
     _, x = OPS.centre(u.detach())

@@ -12,6 +12,12 @@ from himo_fast.subspace_iteration import deflated_resolvent, start_block, top_ei
 from conftest import pairs, rel
 
 
+@pytest.fixture(autouse=True)
+def small_sides_too(monkeypatch):
+    # The partial path is tested on small sides (fast); in use it starts at 256.
+    monkeypatch.setattr(pca, "PARTIAL_MIN_SIZE", 0)
+
+
 def _small_matrix(n, d, dtype, decay=True):
     _, u = pairs(n, d, dtype, decay=decay, requires_grad=False)
     x = u - u.mean(0)
@@ -114,6 +120,13 @@ def test_float64_gradcheck_through_the_partial_path():
     assert pca.principal_subspace(x, 0.5, partial=True).complement is not None
     fn = lambda t: materialize(hide_factors(t, 0.5, sliced=True, partial=True))
     assert torch.autograd.gradcheck(fn, (u,), fast_mode=True)
+
+
+def test_small_sides_are_decomposed_in_full(monkeypatch):
+    monkeypatch.setattr(pca, "PARTIAL_MIN_SIZE", 256)
+    x, _ = _small_matrix(301, 200, torch.float32)
+    sub = pca.principal_subspace(x, 0.5, partial=True)
+    assert sub.complement is None and sub.basis.shape == (200, 200)
 
 
 def test_isotropic_spectrum_falls_back_to_the_full_decomposition():
