@@ -18,6 +18,11 @@ namespace {
 // the CPU; 128 MiB on a GPU, where launches over a too-thin strip would starve the chip).
 constexpr int64_t kCpuStripElements = int64_t(1) << 20;
 constexpr int64_t kCudaStripElements = int64_t(1) << 25;
+// Logits the forward may keep for the backward when all of them fit (8 MiB in fp32 on
+// the CPU: N=1024 square, or 128 rows against 1024 columns): the backward then skips the
+// recompute GEMM, a quarter of its work. A constant, so memory stays O(N·d). Not on GPUs
+// (there the recompute is cheap against the memory, and the path is untested on one).
+constexpr int64_t kCpuLogitsElements = int64_t(1) << 21;
 
 // ---------------------------------------------------------------- CPU kernels
 //
@@ -27,6 +32,15 @@ constexpr int64_t kCudaStripElements = int64_t(1) << 25;
 // against the reference.
 
 using at::vec::Vectorized;
+
+// exp for the log-sum-exp and softmax passes: at::vec's polynomial exp_u20 (≤ 20 ulp,
+// 2.4e-6 relative in fp32; the accurate exp for fp64), which the N² elementwise work is
+// bound by, with NaN passed through (exp_u20 clamps it). Elements whose weight must be
+// exact (the label logits) go through tile_math.h's std::exp.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
+}
 
 template <typename acc_t>
 void cpu_row_nll_impl(const at::Tensor& dots, const at::Tensor& scale, const at::Tensor& ref,
@@ -51,7 +65,7 @@ void cpu_row_nll_impl(const at::Tensor& dots, const at::Tensor& scale, const at:
       }
       const V vmx(mx);
       V vsum(acc_t(0));
-      for (int64_t j = 0; j < vlen; j += V::size()) vsum = vsum + (vs * V::loadu(row + j) - vmx).exp();
+      for (int64_t j = 0; j < vlen; j += V::size()) vsum = vsum + vexp(vs * V::loadu(row + j) - vmx);
       acc_t sum = at::vec::vec_reduce_all<acc_t>([](V& a, V& b) { return a + b; }, vsum);
       for (int64_t j = vlen; j < len; ++j) sum += std::exp(s * row[j] - mx);
       o[r] = nll_value(LseState<acc_t>{mx, sum}, rf[r]);
@@ -88,7 +102,7 @@ void cpu_col_merge_impl(const at::Tensor& dots, const at::Tensor& scale, at::Ten
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t* row = d + r * cols + c0;
         for (int64_t j = 0; j < vn; j += V::size())
-          (V::loadu(sm + j) + (vs * V::loadu(row + j) - V::loadu(mx + j)).exp()).store(sm + j);
+          (V::loadu(sm + j) + vexp(vs * V::loadu(row + j) - V::loadu(mx + j))).store(sm + j);
         for (int64_t j = vn; j < n; ++j) sm[j] += std::exp(s * row[j] - mx[j]);
       }
       for (int64_t j = 0; j < n; ++j) {
@@ -133,9 +147,9 @@ void cpu_ce_grad_impl(at::Tensor& dots, const at::Tensor& scale, const Side& rs,
       V vds(acc_t(0));
       for (int64_t j = 0; j < vcols; j += V::size()) {
         const V dot = V::loadu(row + j), x = vs * dot;
-        V w = vgp * ((x - vref) - vnll).exp() - vc;  // ce_weight, vectorised
+        V w = vgp * vexp((x - vref) - vnll) - vc;  // ce_weight, vectorised
         if (with_col) {
-          w = w + V::loadu(C.gp + j) * ((x - V::loadu(C.ref + j)) - V::loadu(C.nll + j)).exp() -
+          w = w + V::loadu(C.gp + j) * vexp((x - V::loadu(C.ref + j)) - V::loadu(C.nll + j)) -
               V::loadu(C.c_off + j);
         }
         vds = vds + w * dot;
@@ -205,9 +219,10 @@ int64_t strip_rows(const at::Tensor& t, int64_t rows, int64_t cols, int64_t requ
 
 // Row nll = logsumexp - ref of s·R·Cᵀ and, when asked, the same for every column (the
 // square case: the transposed matrix's rows come from the same strips).
+// keep: defined (B x N) to keep the logits' dot products for the backward.
 void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
                  const at::Tensor& ref_rows, at::Tensor nll_rows, const at::Tensor& ref_cols,
-                 at::Tensor* nll_cols, int64_t requested_rows) {
+                 at::Tensor* nll_cols, int64_t requested_rows, const at::Tensor& keep) {
   const StripKernels& k = kernels_for(R);
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
@@ -220,7 +235,13 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sca
   const at::Tensor Ct = C.t();
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
-    at::Tensor dots = mm_acc(R.narrow(0, r0, rn), Ct);
+    at::Tensor dots;
+    if (keep.defined()) {
+      dots = keep.narrow(0, r0, rn);
+      at::mm_out(dots, R.narrow(0, r0, rn), Ct);  // fp32/fp64 only: CPU inputs
+    } else {
+      dots = mm_acc(R.narrow(0, r0, rn), Ct);
+    }
     at::Tensor out = nll_rows.narrow(0, r0, rn);
     k.row_nll(dots, scale, ref_rows.narrow(0, r0, rn), out);
     if (nll_cols != nullptr) k.col_merge(dots, scale, col_max, col_sum);
@@ -229,11 +250,13 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sca
 }
 
 // Gradients with respect to R, C and the scale of sum_r gp[r] lse[r] - sum_rj c_rj s R_r·C_j
-// over the rows (and the columns when cols is defined), recomputing each strip of logits.
-// dR is overwritten, dC accumulated into.
+// over the rows (and the columns when cols is defined), recomputing each strip of logits
+// (or copying it from `kept`, the forward's, when defined). dR is overwritten, dC
+// accumulated into.
 void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
                   const Side& rows, const Side& cols, int64_t label_offset, at::Tensor& dR,
-                  at::Tensor& dC, at::Tensor& dscale, int64_t requested_rows) {
+                  at::Tensor& dC, at::Tensor& dscale, int64_t requested_rows,
+                  const at::Tensor& kept) {
   const StripKernels& k = kernels_for(R);
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(R, B, N, requested_rows);
@@ -244,7 +267,9 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sc
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
     const at::Tensor Rb = R.narrow(0, r0, rn);
-    at::Tensor w = mm_acc(Rb, Ct);
+    // A copy of the kept strip: ce_grad works in place, and the saved logits must survive
+    // for a second backward (retain_graph).
+    at::Tensor w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct);
     at::Tensor ds = ds_rows.narrow(0, 0, rn);
     k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
     dscale.add_(ds.sum());
@@ -376,20 +401,22 @@ at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& like) {
 }
 
 // Forward of one branch: the cross entropies and nlls of its two directions.
+// keep: [jobs, B, N] for this branch's logits (one job square, two otherwise), or undefined.
 void branch_forward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
                     at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab, at::Tensor nll_ba,
-                    int64_t strip) {
+                    int64_t strip, const at::Tensor& keep) {
+  auto job = [&](int64_t j) { return keep.defined() ? keep[j] : at::Tensor(); };
   const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps);
   const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps);
   const at::Tensor ref_ab = t_ab.label * s, ref_ba = t_ba.label * s;
   if (br.square) {
     // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
     at::Tensor cols;
-    job_forward(br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip);
+    job_forward(br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip, job(0));
     nll_ba.copy_(cols);
   } else {
-    job_forward(br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip);
-    job_forward(br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip);
+    job_forward(br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip, job(0));
+    job_forward(br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip, job(1));
   }
   ce_ab.copy_(smoothed(nll_ab, t_ab, s, eps));
   ce_ba.copy_(smoothed(nll_ba, t_ba, s, eps));
@@ -408,7 +435,9 @@ Side side(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t
 // nll, g_ce, g_nll: [2, B], directions ab and ba.
 void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
                      const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll,
-                     at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip) {
+                     at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip,
+                     const at::Tensor& kept) {
+  auto job = [&](int64_t j) { return kept.defined() ? kept[j] : at::Tensor(); };
   const auto opts = br.a_r.options().dtype(acc_type(br.a_r));
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
@@ -417,16 +446,25 @@ void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, doub
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1]);
   if (br.square) {
     at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
-    job_backward(br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip);
+    job_backward(br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0));
     const at::Tensor none = at::empty({0}, br.a_r.options());
     out.insert(out.end(), {cast(d_a), cast(d_b), none, none});
     return;
   }
   at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
-  job_backward(br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip);
+  job_backward(br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0));
   at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
-  job_backward(br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip);
+  job_backward(br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1));
   out.insert(out.end(), {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)});
+}
+
+// Jobs (logit matrices computed by GEMM) per branch: one square, two otherwise.
+int64_t jobs_per_branch(const Inputs& in) { return in.global.square ? 1 : 2; }
+
+// Whether the forward keeps its logits for the backward (see kCpuLogitsElements; the fake
+// kernel in himo_fast/dual_infonce.py mirrors this).
+bool keeps_logits(const Inputs& in) {
+  return in.global.a_r.is_cpu() && 2 * jobs_per_branch(in) * in.B * in.N <= kCpuLogitsElements;
 }
 
 }  // namespace
@@ -436,7 +474,7 @@ const StripKernels& cpu_kernels() {
   return k;
 }
 
-std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
     const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
@@ -449,14 +487,22 @@ std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
   const at::Tensor s = scale_acc(scale, img_r);
   const auto opts = img_r.options().dtype(acc_type(img_r));
   at::Tensor ce = at::empty({4, in.B}, opts), nll = at::empty({4, in.B}, opts);
-  branch_forward(in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0], nll[1], strip);
-  branch_forward(in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2], nll[3], strip);
-  return {ce, nll};
+  const int64_t jobs = jobs_per_branch(in);
+  at::Tensor logits = keeps_logits(in) ? at::empty({2 * jobs, in.B, in.N}, opts)
+                                       : at::empty({0}, opts);
+  auto kept = [&](int64_t branch) {
+    return logits.numel() ? logits.narrow(0, branch * jobs, jobs) : at::Tensor();
+  };
+  branch_forward(in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0], nll[1], strip,
+                 kept(0));
+  branch_forward(in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2], nll[3], strip,
+                 kept(1));
+  return {ce, nll, logits};
 }
 
 std::vector<at::Tensor> dual_ce_backward_impl(
     const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
+    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
@@ -471,6 +517,17 @@ std::vector<at::Tensor> dual_ce_backward_impl(
                         grad_nll.sizes() == nll.sizes(),
                     "himo_fast dual_ce_backward: nll, grad_ce and grad_nll must have shape [4, ",
                     in.B, "], got ", nll.sizes(), ", ", grad_ce.sizes(), " and ", grad_nll.sizes());
+  const int64_t jobs = jobs_per_branch(in);
+  const bool kept = logits.numel() != 0;
+  TORCH_CHECK_VALUE(!kept || (keeps_logits(in) && logits.sizes() ==
+                                  at::IntArrayRef({2 * jobs, in.B, in.N}) &&
+                              logits.scalar_type() == acc && logits.is_contiguous() &&
+                              logits.device() == img_r.device()),
+                    "himo_fast dual_ce_backward: logits must be empty or the forward's [",
+                    2 * jobs, ", ", in.B, ", ", in.N, "] output, got ", logits.sizes());
+  auto kept_of = [&](int64_t branch) {
+    return kept ? logits.narrow(0, branch * jobs, jobs) : at::Tensor();
+  };
   const at::Tensor s = scale_acc(scale, img_r);
   auto ready = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const at::Tensor g_ce = ready(grad_ce), g_nll = ready(grad_nll), l = ready(nll);
@@ -479,9 +536,9 @@ std::vector<at::Tensor> dual_ce_backward_impl(
   std::vector<at::Tensor> grads;
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
   branch_backward(in.global, s, label_offset, label_smoothing, two(l, 0), two(g_ce, 0),
-                  two(g_nll, 0), dscale, grads, strip);
+                  two(g_nll, 0), dscale, grads, strip, kept_of(0));
   branch_backward(in.comp, s, label_offset, label_smoothing, two(l, 2), two(g_ce, 2),
-                  two(g_nll, 2), dscale, grads, strip);
+                  two(g_nll, 2), dscale, grads, strip, kept_of(1));
   // Order of the op's inputs: rows (img, txt, cimg, comp), columns (same), scale.
   return {grads[0], grads[1], grads[4], grads[5], grads[2], grads[3], grads[6], grads[7], dscale};
 }

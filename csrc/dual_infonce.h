@@ -1,6 +1,6 @@
 // The fused symmetric dual InfoNCE: per-row cross entropies of the four logit matrices
 //   0: s·img_r·txt_cᵀ   1: s·txt_r·img_cᵀ   2: s·cimg_r·comp_cᵀ   3: s·comp_r·cimg_cᵀ
-// and their backward, without ever storing an N x N matrix. Rows are processed in strips
+// and their backward, without storing an N x N matrix beyond a small constant. Rows are processed in strips
 // of a bounded number of rows; each strip is one GEMM, followed by fused elementwise
 // kernels (online log-sum-exp forward, cross-entropy gradient backward). In the square
 // single-rank case the column log-sum-exps (matrices 1 and 3 are the transposes of 0 and
@@ -50,10 +50,13 @@ const StripKernels& cuda_kernels();
 // (img, txt) and component (cimg, comp); the component pair may have its own width (HiDe's
 // factorised form: cimg = [img·V_m, img·ū], comp = [X̂·V_m, 1]). Columns omitted: the
 // square single-rank case, columns = rows. Row i's label is column i + label_offset.
-// Returns (ce, nll), both [4, B]: the label-smoothed cross entropy of each row of the four
-// logit matrices, and the plain one, lse - label logit (saved for the backward).
-// strip_rows > 0 forces the strip height (tests); 0 picks it from a memory bound.
-std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
+// Returns (ce, nll, logits); ce and nll [4, B]: the label-smoothed cross entropy of each
+// row of the four logit matrices, and the plain one, lse - label logit (saved for the
+// backward). logits: the unscaled dot products of every GEMM of the forward, [2 or 4, B, N],
+// when they fit a small constant bound on the CPU (saved for the backward, which then
+// skips its recompute), else empty. strip_rows > 0 forces the strip height (tests); 0
+// picks it from a memory bound.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
     const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
@@ -63,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> dual_ce_impl(
 // Gradients in the order of the op's inputs: 8 features (empty for omitted columns), scale.
 std::vector<at::Tensor> dual_ce_backward_impl(
     const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
+    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
     const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,

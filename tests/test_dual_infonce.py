@@ -101,6 +101,42 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: dual_ce(*a[:4], *(None,) * 4, a[4], 0, 0.1, 4), (*rows, scale))
 
 
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
+def test_kept_logits_give_the_recomputed_gradient(square):
+    # The CPU forward keeps its logits when they fit; the backward from them equals the
+    # backward that recomputes them (empty logits), and they survive a second backward.
+    rows, cols = _inputs(7, 19, 6, torch.float64, square=square, d_comp=3)
+    s = torch.tensor(9.0, dtype=torch.float64)
+    offset = 0 if square else 5
+    feats = [t.detach() for t in rows] + ([] if square else [t.detach() for t in cols])
+    args = (*feats[:4], *((None,) * 4 if square else feats[4:]), s, offset, 0.1, 3)
+    ce, nll, logits = torch.ops.himo_fast.dual_ce(*args)
+    jobs = 2 if square else 4
+    assert logits.shape == (jobs, 7, 7 if square else 19)
+    # the unscaled dot products of the GEMMs: img·txtᵀ first
+    assert rel(logits[0], feats[0] @ (feats[1] if square else feats[5]).T) <= 1e-14
+    g_ce, g_nll = torch.rand_like(ce), torch.rand_like(nll)
+    kept = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits, *args)
+    again = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits, *args)
+    fresh = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits.new_empty(0), *args)
+    for a, b, c in zip(kept, again, fresh):
+        assert torch.equal(a, b)
+        assert rel(a, c) <= 1e-13
+    with pytest.raises(ValueError, match="logits must be empty or the forward's"):
+        torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits[:1], *args)
+
+
+def test_logits_are_not_kept_beyond_the_bound():
+    from himo_fast.dual_infonce import CPU_LOGITS_KEPT
+    n = int((CPU_LOGITS_KEPT / 2) ** 0.5) + 1  # square: 2 matrices of n² > the bound
+    rows, _ = _inputs(n, n, 2, torch.float32)
+    out = torch.ops.himo_fast.dual_ce(*[t.detach() for t in rows], *(None,) * 4, torch.tensor(2.0))
+    assert out[2].numel() == 0
+    rows, _ = _inputs(n - 1, n - 1, 2, torch.float32)
+    out = torch.ops.himo_fast.dual_ce(*[t.detach() for t in rows], *(None,) * 4, torch.tensor(2.0))
+    assert out[2].shape == (2, n - 1, n - 1)
+
+
 def test_torch_compile_fullgraph_equals_eager():
     # float64, so that a real difference is not lost in the reordering compile may do.
     v, u = pairs(24, 16, torch.float64)
