@@ -85,8 +85,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plotted_lines(rows: list[dict]) -> dict:
+    """{(run, device, impl): rows}: the square workloads only (B = N, so that a line across
+    N compares like with like), and per device its newest run that has them (run names
+    start with a UTC timestamp)."""
+    square = [r for r in rows if r["n"] is not None and f"B={r['n']} " in r["group"]]
+    newest = {}
+    for r in square:
+        device = r["group"].split()[-1]
+        newest[device] = max(newest.get(device, r["run"]), r["run"])
+    lines = defaultdict(list)
+    for r in square:
+        device = r["group"].split()[-1]
+        if r["run"] == newest[device]:
+            lines[(r["run"], device, r["impl"])].append(r)
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Time and peak memory against N, one line per (run, implementation), log scales."""
+    """Time and peak memory against N for the square workloads, one line per
+    implementation of each device's newest run, log scales."""
     try:
         import matplotlib
     except ImportError as err:
@@ -94,12 +112,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss_rows = [r for r in rows if r["n"] is not None and not r["group"].startswith("HiDe")]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lines = defaultdict(list)
-    for r in loss_rows:
-        device = r["group"].split()[-1]
-        lines[(r["run"], device, r["impl"])].append(r)
+    lines = plotted_lines(rows)
     for (run, device, impl), items in sorted(lines.items()):
         items.sort(key=lambda r: r["n"])
         label = f"{impl} ({device}, {run})" if len({k[0] for k in lines}) > 1 else f"{impl} ({device})"

@@ -37,6 +37,16 @@ def test_report_table_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_plot_shows_square_workloads_of_the_newest_run_per_device(tmp_path):
+    _write_run(tmp_path / "20261101-old.json")
+    newer = [_bench("test_forward_backward[single-1k-himo_fast]", "single-1k B=1024 N=1024 d=768 cpu", 0.2),
+             _bench("test_forward_backward[paper-rank-himo_fast]", "paper-rank B=128 N=1024 d=768 cpu", 0.07)]
+    (tmp_path / "20261122-new.json").write_text(json.dumps({"benchmarks": newer}))
+    lines = bench.plotted_lines(bench.load(tmp_path))
+    assert sorted(lines) == [("20261101-old", "cuda", "himo_fast"), ("20261122-new", "cpu", "himo_fast")]
+    assert [r["median"] for r in lines[("20261122-new", "cpu", "himo_fast")]] == [0.2]
+
+
 def test_report_without_results_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="benchmark-json"):
         bench.main(["report", "--results", str(tmp_path), "--no-png"])
