@@ -37,11 +37,10 @@ def test_low_precision_inputs(triton_device, dtype):
     assert rel(ours.cpu(), hide_reference(u.to(dtype).double(), 0.9)) <= 1e-4
 
 
-@pytest.mark.parametrize("n,d", SHAPES)
-def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
-    v, u = pairs(n, d, torch.float32, requires_grad=False)
-    v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()
-    s = torch.tensor(12.0, device=triton_device, requires_grad=True)
+def _loss_matches_reference(v, u, device):
+    """MoLo through triton (fp32) against the float64 reference: value and gradients."""
+    v, u = v.to(device).requires_grad_(), u.to(device).requires_grad_()
+    s = torch.tensor(12.0, device=device, requires_grad=True)
     ours = himo_fast.MoLo(backend="triton")(v, u, s)
     ours.backward()
     v64, u64, s64 = (t.detach().double().cpu().requires_grad_() for t in (v, u, s))
@@ -53,26 +52,22 @@ def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
         assert rel(a.grad.cpu(), b.grad) <= 2e-4
 
 
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
+    _loss_matches_reference(*pairs(n, d, torch.float32, requires_grad=False), triton_device)
+
+
 def test_subspace_iteration_path_through_the_kernels(triton_device, monkeypatch):
     # A small side big enough for a partial block (2r < k): the backend's eigenpairs come
     # from subspace iteration, on the kernels' covariance, with the complement gradient.
     from himo_fast.kernels import OPS
     monkeypatch.setattr(pca, "PARTIAL_MIN_SIZE", 0)  # in use from 256; small here (speed)
     v, u = pairs(170, 130, torch.float32, requires_grad=False)
-    v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()
-    _, x = OPS.centre(u.detach())
+    _, x = OPS.centre(u.to(triton_device))
     sub = pca.principal_subspace(x, 0.9, OPS.small_matrix, partial=True)
     assert sub.complement is not None and sub.basis.shape[1] < 65
-    assert int(sub.m) == int(hide_components(u.detach().double().cpu(), 0.9))
-    s = torch.tensor(12.0, device=triton_device, requires_grad=True)
-    ours = himo_fast.MoLo(backend="triton")(v, u, s)
-    ours.backward()
-    v64, u64, s64 = (t.detach().double().cpu().requires_grad_() for t in (v, u, s))
-    ref = himo_fast.MoLo(backend="reference")(v64, u64, s64)
-    ref.backward()
-    assert loss_rel(ours, ref) <= 2e-4
-    for a, b in zip((v, u, s), (v64, u64, s64)):
-        assert rel(a.grad.cpu(), b.grad) <= 2e-4
+    assert int(sub.m) == int(hide_components(u.double(), 0.9))
+    _loss_matches_reference(v, u, triton_device)
 
 
 def test_float64_gradcheck_through_the_kernels(triton_device):
