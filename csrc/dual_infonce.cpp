@@ -502,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
 
 std::vector<at::Tensor> dual_ce_backward_impl(
     const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
-    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
+    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r,
+    const at::Tensor& cimg_r, const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
     double label_smoothing, int64_t strip) {

@@ -1,8 +1,8 @@
 // The fused symmetric dual InfoNCE: per-row cross entropies of the four logit matrices
 //   0: s·img_r·txt_cᵀ   1: s·txt_r·img_cᵀ   2: s·cimg_r·comp_cᵀ   3: s·comp_r·cimg_cᵀ
-// and their backward, without storing an N x N matrix beyond a small constant. Rows are processed in strips
-// of a bounded number of rows; each strip is one GEMM, followed by fused elementwise
-// kernels (online log-sum-exp forward, cross-entropy gradient backward). In the square
+// and their backward, without storing an N x N matrix beyond a small constant. Rows are
+// processed in strips of a bounded number of rows; each strip is one GEMM, followed by
+// fused elementwise kernels (online log-sum-exp forward, cross-entropy gradient backward). In the square
 // single-rank case the column log-sum-exps (matrices 1 and 3 are the transposes of 0 and
 // 2) come from the same strips, merged online across strips.
 //
@@ -66,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
 // Gradients in the order of the op's inputs: 8 features (empty for omitted columns), scale.
 std::vector<at::Tensor> dual_ce_backward_impl(
     const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
-    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
+    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r,
+    const at::Tensor& cimg_r, const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
     const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
     const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
     double label_smoothing, int64_t strip_rows);
