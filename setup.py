@@ -1,7 +1,8 @@
 """Builds himo_fast and its compiled extension ``himo_fast._C``.
 
 The CPU kernels are always built. The CUDA kernels are added when the installed torch is
-a CUDA build and nvcc is found, unless HIMO_FAST_SKIP_CUDA=1. Architectures: the visible
+a CUDA build and nvcc is found, unless HIMO_FAST_SKIP_CUDA=1; with them the sync-free
+eigendecomposition on cuSOLVER when its header and library are found (toolkit or pip). Architectures: the visible
 GPUs' when there are any, else Hopper (sm_90a) and Ampere (sm_80); HIMO_FAST_CUDA_ARCHS
 (e.g. "90a;80") overrides. The CPU kernels use AVX2+FMA vectors when the build machine
 has them (HIMO_FAST_CPU_VECTOR=avx2|default overrides). The torch version built against is recorded in
@@ -77,22 +78,46 @@ def with_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def cusolver():
+    """(include dir, library file) of cuSOLVER: the toolkit's, else the one torch's pip
+    dependencies ship (nvidia/*/); None when neither has both."""
+    homes = [Path(cpp_extension.CUDA_HOME)] if cpp_extension.CUDA_HOME else []
+    layouts = [(h / "include", h / "lib64") for h in homes]
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    layouts += [(d / "include", d / "lib") for d in sorted(site.glob("*")) if d.is_dir()]
+    for inc, lib in layouts:
+        libs = sorted(lib.glob("libcusolver.so*"))
+        if (inc / "cusolverDn.h").exists() and libs:
+            return inc, libs[0]
+    return None
+
+
 def extension():
-    sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp", "csrc/sym_eigh.cpp"]
     # No FMA contraction: the forward's s·dot - max and the backward's s·dot - lse must
     # round the same way, or a softmax that should be exactly 1 is not (tile_math.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + cpu_vector_flags()
     extra = {"cxx": cxx}
+    include_dirs = [str(ROOT / "csrc")]
+    link = ["-fopenmp"]
     if with_cuda():
         sources.append("csrc/dual_infonce_cuda.cu")
         cxx.append("-DHIMO_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-DHIMO_WITH_CUDA", "--fmad=false"] + [
             gencode(a) for a in cuda_archs()]
+        found = cusolver()
+        if found is not None:  # the sync-free eigh for HiDe (csrc/sym_eigh_cuda.cu)
+            inc, lib = found
+            sources.append("csrc/sym_eigh_cuda.cu")
+            cxx.append("-DHIMO_WITH_CUSOLVER")
+            extra["nvcc"].append("-DHIMO_WITH_CUSOLVER")
+            include_dirs.append(str(inc))
+            link += [str(lib), f"-Wl,-rpath,{lib.parent}"]
         cls = cpp_extension.CUDAExtension
     else:
         cls = cpp_extension.CppExtension
     return cls("himo_fast._C", sources, extra_compile_args=extra,
-               extra_link_args=["-fopenmp"], include_dirs=[str(ROOT / "csrc")])
+               extra_link_args=link, include_dirs=include_dirs)
 
 
 def write_build_info(cuda):

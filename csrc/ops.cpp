@@ -1,8 +1,10 @@
-// Registration of the dual InfoNCE ops with torch.library (schemas, CPU and CUDA
-// implementations). Fake kernels and autograd live in himo_fast/dual_infonce.py.
+// Registration of the ops with torch.library (schemas, CPU and CUDA implementations): the
+// dual InfoNCE (fake kernels and autograd in himo_fast/dual_infonce.py) and the sync-free
+// symmetric eigendecomposition HiDe uses (fake kernel in himo_fast/pca.py).
 #include <torch/extension.h>
 
 #include "dual_infonce.h"
+#include "sym_eigh.h"
 
 namespace {
 
@@ -41,20 +43,35 @@ TORCH_LIBRARY(himo_fast, m) {
       "Tensor? cimg_c, Tensor? comp_c, Tensor scale, int label_offset=0, "
       "float label_smoothing=0.0, int strip_rows=0) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sym_eigh(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
 }
 
 TORCH_LIBRARY_IMPL(himo_fast, CPU, m) {
   m.impl("dual_ce", &himo::dual_ce_impl);
   m.impl("dual_ce_backward", &dual_ce_backward_op);
+  m.impl("sym_eigh", &himo::sym_eigh_cpu);
 }
 
 #ifdef HIMO_WITH_CUDA
 TORCH_LIBRARY_IMPL(himo_fast, CUDA, m) {
   m.impl("dual_ce", &himo::dual_ce_impl);
   m.impl("dual_ce_backward", &dual_ce_backward_op);
+#ifdef HIMO_WITH_CUSOLVER
+  m.impl("sym_eigh", &himo::sym_eigh_cuda);
+#endif
 }
 #endif
 
+bool built_with_cusolver() {
+#ifdef HIMO_WITH_CUSOLVER
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  module.def("built_with_cusolver", &built_with_cusolver,
+             "True when sym_eigh has its cuSOLVER (sync-free) CUDA kernel");
 }

@@ -82,6 +82,42 @@ def numerical_zero(eigvals: torch.Tensor) -> torch.Tensor:
     return RELATIVE_ZERO * eps * eigvals.max().clamp(min=0)
 
 
+_SYM_EIGH_REGISTERED = []
+
+
+def _sym_eigh_op():
+    """torch.ops.himo_fast.sym_eigh with its fake kernel, or None without the extension."""
+    from . import _extension
+    module = _extension.extension()
+    if module is None:
+        return None
+    if not _SYM_EIGH_REGISTERED:
+        @torch.library.register_fake("himo_fast::sym_eigh")
+        def _(a):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
+            return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
+                    a.new_empty((), dtype=torch.int32))
+        _SYM_EIGH_REGISTERED.append(True)
+    return torch.ops.himo_fast.sym_eigh
+
+
+def device_eigh(a: torch.Tensor):
+    """(eigenvalues ascending, eigenvectors) like torch.linalg.eigh, but without its host
+    read of the solver's info flag (a sync on a GPU) where himo_fast._C has cuSOLVER's
+    kernel (csrc/sym_eigh_cuda.cu); torch.linalg.eigh elsewhere. A failure can only come
+    from non-finite input, which makes the loss NaN through the reconstruction anyway."""
+    op = _sym_eigh_op() if a.is_cuda else None
+    if op is not None and _extension_has_cusolver():
+        w, v, _ = op(a)
+        return w, v
+    return torch.linalg.eigh(a)
+
+
+def _extension_has_cusolver() -> bool:
+    from . import _extension
+    module = _extension.extension()
+    return module is not None and module.built_with_cusolver()
+
+
 def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
     """X̂X̂ᵀ (gram space) or X̂ᵀX̂ (cov space), exactly symmetric. The lower block
     triangle only, mirrored (torch has no syrk): with 3 x 3 blocks, 6 of 9 block products
@@ -103,13 +139,15 @@ def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
 
 
 def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
-                       partial: bool = False, warm: torch.Tensor | None = None) -> Subspace:
+                       partial: bool = False, warm: torch.Tensor | None = None,
+                       eigh=torch.linalg.eigh) -> Subspace:
     """Eigendecomposition of the smaller of Gram / covariance of centred x
     (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre).
 
     ``partial``: the top eigenpairs only, by subspace iteration, where that pays; the
     policy (block size, growth, full fallback) reads the block's Ritz values on the host,
     which is free on a CPU and a sync on a GPU. ``warm``: a previous basis to start from.
+    ``eigh``: the full decomposition (``device_eigh``: without a host sync).
     The chosen m is the exact one either way (tests/test_subspace_iteration.py).
     """
     n, d = x.shape
@@ -122,7 +160,7 @@ def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
         sub = _partial_subspace(small, tau, gram, warm)
         if sub is not None:
             return sub
-    eigvals, basis = torch.linalg.eigh(small)
+    eigvals, basis = eigh(small)
     eigvals = eigvals.flip(0).clamp(min=0)
     basis = basis.flip(1)
     m, inside = cutoff_from_eigvals(eigvals, tau)

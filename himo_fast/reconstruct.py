@@ -40,6 +40,7 @@ class HiDeOps(NamedTuple):
     centre: Callable  # u -> (ū as 1 x d, X̂)
     small_matrix: Callable  # (X̂, gram) -> X̂X̂ᵀ or X̂ᵀX̂
     product: Callable  # (a, b, bias=None) -> a @ b + bias
+    eigh: Callable = torch.linalg.eigh  # symmetric a -> (eigenvalues ascending, vectors)
 
 
 TORCH_OPS = HiDeOps(_centre, gram_or_cov, _product)
@@ -56,7 +57,7 @@ class _HiDeFactors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps, partial: bool):
         mean, x = ops.centre(u)
-        sub = principal_subspace(x, tau, ops.small_matrix, partial)
+        sub = principal_subspace(x, tau, ops.small_matrix, partial, eigh=ops.eigh)
         parts = split(sub, sliced)
         z, b = factor(x, sub, parts, ops.product)
         empty = x.new_empty(0)

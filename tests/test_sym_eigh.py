@@ -1,0 +1,79 @@
+"""himo_fast::sym_eigh, the eigendecomposition HiDe's triton backend uses: the CPU twin
+(LAPACK) here, the cuSOLVER kernel without a host sync on a GPU; both against
+torch.linalg.eigh, opcheck, bad input."""
+import pytest
+import torch
+
+import himo_fast
+from himo_fast import pca
+from conftest import rel
+
+pytestmark = pytest.mark.skipif("cpu" not in himo_fast.available_backends("cpu"),
+                                reason="compiled extension not built")
+
+
+def _psd(k, dtype, device="cpu", rank=None):
+    x = torch.randn(rank or k + 3, k, dtype=torch.float64)
+    return (x.T @ x).to(device, dtype)
+
+
+def _check(a):
+    w, v, info = torch.ops.himo_fast.sym_eigh(a)
+    w_ref = torch.linalg.eigvalsh(a.double().cpu())
+    tol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    assert int(info) == 0 and info.dtype == torch.int32
+    assert rel(w.cpu(), w_ref) <= tol
+    # A V = V diag(w), V orthonormal (eigenvectors themselves are only defined up to sign)
+    assert rel((a @ v).cpu(), (v * w).cpu()) <= 10 * tol
+    assert rel((v.T @ v).cpu(), torch.eye(a.shape[0], dtype=torch.float64)) <= 10 * tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_cpu_matches_torch_eigh(dtype, k):
+    _check(_psd(k, dtype))
+    _check(_psd(k, dtype, rank=2))  # rank-deficient: repeated zero eigenvalues
+
+
+def test_opcheck():
+    pca._sym_eigh_op()  # registers the fake kernel
+    torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(5, torch.float64),))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="square matrix, got shape"):
+        torch.ops.himo_fast.sym_eigh(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="float32 or float64, got Half"):
+        torch.ops.himo_fast.sym_eigh(torch.randn(3, 3).half())
+
+
+def test_device_eigh_is_torch_eigh_on_cpu():
+    a = _psd(9, torch.float64)
+    for x, y in zip(pca.device_eigh(a), torch.linalg.eigh(a)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_without_host_sync(cuda, dtype):
+    from himo_fast import _extension
+    if not _extension.extension().built_with_cusolver():
+        pytest.fail("built with CUDA but without cuSOLVER's sym_eigh (see setup.py cusolver())")
+    a = _psd(200, dtype, cuda)
+    _check(a)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        w, v = pca.device_eigh(a)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pca.device_eigh(a)  # warm-up: handle and workspace outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        w_g, _ = pca.device_eigh(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(w_g, w) <= 1e-6
