@@ -6,7 +6,8 @@ a block of r ≈ 2m + 16 vectors needs about eight r-wide products with the matr
 Whether that pays is a property of the machine: on 2 CPU cores MKL's eigh of 768 x 768
 (65 ms) is only ≈ 20 ms slower than the block, and the gradient's complement solve costs
 more than that (measured: benchmarks/README.md), so the CPU backend keeps the full eigh.
-The ``triton`` backend uses this path; its GPU timing is pending.
+On a GPU the block policy's host reads are syncs, so the ``triton`` backend keeps the full
+(sync-free) eigh too; benchmarks/test_hide.py times this path on either device.
 
 Algorithm (Chebyshev-filtered subspace iteration, Rayleigh–Ritz after every filter):
 1. Q ← orth(A·Q₀) from a fixed-seed Gaussian start (or the caller's warm start).
