@@ -15,6 +15,7 @@ mkdir -p benchmarks/results
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "## build"
   MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
+  (cd /tmp && python3 -c "import himo_fast._C as c; print('built_with_cuda', c.built_with_cuda(), 'sync-free eigh (cuSOLVER)', c.built_with_cusolver())")
   echo "## tests (the whole suite; GPU tests and the Triton kernels run compiled on CUDA)"
   (cd /tmp && python3 -m pytest "$OLDPWD/tests" -q -rfEsxX 2>&1 | tail -30)
   echo "## compute-sanitizer memcheck"

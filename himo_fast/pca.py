@@ -82,22 +82,21 @@ def numerical_zero(eigvals: torch.Tensor) -> torch.Tensor:
     return RELATIVE_ZERO * eps * eigvals.max().clamp(min=0)
 
 
-_SYM_EIGH_REGISTERED = []
-
-
-def _sym_eigh_op():
-    """torch.ops.himo_fast.sym_eigh with its fake kernel, or None without the extension."""
+def _register_sym_eigh() -> bool:
+    """The fake kernel of himo_fast::sym_eigh (torch.compile, opcheck); False without the
+    extension. At import, so that nothing registers while a graph is being traced."""
     from . import _extension
-    module = _extension.extension()
-    if module is None:
-        return None
-    if not _SYM_EIGH_REGISTERED:
-        @torch.library.register_fake("himo_fast::sym_eigh")
-        def _(a):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
-            return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
-                    a.new_empty((), dtype=torch.int32))
-        _SYM_EIGH_REGISTERED.append(True)
-    return torch.ops.himo_fast.sym_eigh
+    if _extension.extension() is None:
+        return False
+
+    @torch.library.register_fake("himo_fast::sym_eigh")
+    def _(a):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
+        return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
+                a.new_empty((), dtype=torch.int32))
+    return True
+
+
+SYM_EIGH_REGISTERED = _register_sym_eigh()
 
 
 def device_eigh(a: torch.Tensor):
@@ -105,17 +104,15 @@ def device_eigh(a: torch.Tensor):
     read of the solver's info flag (a sync on a GPU) where himo_fast._C has cuSOLVER's
     kernel (csrc/sym_eigh_cuda.cu); torch.linalg.eigh elsewhere. A failure can only come
     from non-finite input, which makes the loss NaN through the reconstruction anyway."""
-    op = _sym_eigh_op() if a.is_cuda else None
-    if op is not None and _extension_has_cusolver():
-        w, v, _ = op(a)
+    if a.is_cuda and SYM_EIGH_REGISTERED and _extension_has_cusolver():
+        w, v, _ = torch.ops.himo_fast.sym_eigh(a)
         return w, v
     return torch.linalg.eigh(a)
 
 
 def _extension_has_cusolver() -> bool:
     from . import _extension
-    module = _extension.extension()
-    return module is not None and module.built_with_cusolver()
+    return _extension.extension().built_with_cusolver()
 
 
 def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
