@@ -100,6 +100,13 @@ def extension():
     extra = {"cxx": cxx}
     include_dirs = [str(ROOT / "csrc")]
     link = ["-fopenmp"]
+    if sys.platform.startswith("linux"):
+        # The process's libstdc++.so, by name: on a GPU machine the toolchain linked the
+        # C++ runtime statically, a second libstdc++ inside torch's process, and formatting
+        # an integer into an error message segfaulted in std::codecvt. Named before the
+        # compiler's implicit -lstdc++, the shared one resolves every symbol, so no member
+        # of a static libstdc++.a is pulled in, whatever flags the toolchain adds.
+        link.append("-l:libstdc++.so.6")
     if with_cuda():
         sources.append("csrc/dual_infonce_cuda.cu")
         cxx.append("-DHIMO_WITH_CUDA")

@@ -1,31 +1,98 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, validate, time. Writes benchmarks/results/<date>-<gpu>.txt
-# (and a copy under $OUT when run through the device tool). Usage: bash benchmarks/gpu_check.sh
+# (and a copy under $OUT when run through the device tool).
+#   bash benchmarks/gpu_check.sh [STAGE ...]    stages: build tests memcheck timing bench
+# (bench = bench_hide + bench_losses). No stage named: all of them, in that order. `build` always runs first (the machine is
+# bare). Each stage has its own time limit, so one that hangs cannot eat the others'.
+# Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
+# tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
+# that folder is there (see benchmarks/README.md). TESTS="NAME ..." runs only those
+# tests/test_NAME.py; BENCH_K passes `-k` to the loss benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests memcheck timing bench)
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 res="benchmarks/results/${stamp}-${gpu}.txt"
+json="benchmarks/results/${stamp}-${gpu}.json"
 mkdir -p benchmarks/results
+log="${OUT:-/tmp}/gpu_check.log"
+here=$PWD
+
+stage_build() {
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  # What this Python links extensions with (a static libstdc++ here once crashed _C).
+  python3 -c "import sysconfig as s; print('LDSHARED:', s.get_config_var('LDSHARED'))"
+  # Only the GPU at hand's architecture: the build is what a user's `pip install .` does.
+  MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps . 2>&1 \
+    | grep -E "definition of|static-lib|^error|Error" | cut -c1-300 | head -12
+  (cd /tmp && python3 -c "import himo_fast._C as c, himo_fast; print('built_with_cuda', c.built_with_cuda(), 'sync-free eigh (cuSOLVER)', c.built_with_cusolver(), 'backends', himo_fast.available_backends('cuda'))")
+}
+
+stage_tests() {  # the whole suite: GPU tests and the Triton kernels run compiled on CUDA
+  # One pytest per file, so that a crash in one file cannot hide the others' results.
+  local files=("$here"/tests/test_*.py)
+  [ -n "${TESTS:-}" ] && files=($(for t in $TESTS; do echo "$here/tests/test_$t.py"; done))
+  for f in "${files[@]}"; do
+    echo "### $(basename "$f")"
+    (cd /tmp && timeout 300 python3 -X faulthandler -m pytest "$f" -q -rfEsxX --tb=short \
+      -p no:cacheprovider --timeout 180 2>&1 | grep -v "_pytest/\|pluggy/\|^Extension modules" \
+      | tail -60)
+  done
+}
+
+stage_memcheck() {
+  for b in cuda triton; do
+    (cd /tmp && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 -m himo_fast --device cuda --n 257 --d 96 --steps 1 --backend $b 2>&1 | tail -4
+     echo "memcheck $b: rc=${PIPESTATUS[0]}")
+  done
+}
+
+stage_timing() {  # forward+backward per step, median (python -m himo_fast)
+  cd /tmp
+  for dt in float32 bfloat16; do
+    timeout 120 python3 -m himo_fast --device cuda --n 1024 --d 768 --dtype $dt --steps 20
+  done
+  timeout 150 python3 -m himo_fast --device cuda --n 65536 --d 768 --dtype bfloat16 --steps 5 \
+    --backend cuda --backend triton
+  cd "$here"
+}
+
+# From /tmp, so that `import himo_fast` is the installed package, not the source tree.
+stage_bench_hide() {  # HiDe alone per backend vs the SVD-based HiDe
+  (cd /tmp && timeout 300 python3 -m pytest "$here/benchmarks/test_hide.py" --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json="$here/${json%.json}-hide.json" 2>&1 | tail -30)
+}
+
+stage_bench_losses() {  # himo_fast vs the authors' loss (eager, compiled), ClipLoss
+  (cd /tmp && timeout ${BENCH_TIMEOUT:-420} python3 -m pytest "$here/benchmarks/test_losses.py" --benchmark-only -q \
+    -p no:cacheprovider --benchmark-json="$here/$json" ${BENCH_K:+-k "$BENCH_K"} 2>&1 | tail -60)
+}
+
+stage_bench() { stage_bench_hide; stage_bench_losses; }
+
 {
   echo "# himo_fast GPU check  $stamp"
-  echo "command: bash benchmarks/gpu_check.sh"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "command: bash benchmarks/gpu_check.sh ${stages[*]}"
+  for v in TESTS BENCH_K BENCH_TIMEOUT LDFLAGS; do [ -n "${!v:-}" ] && echo "  $v=${!v}"; done
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "## build"
-  MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-  (cd /tmp && python3 -c "import himo_fast._C as c; print('built_with_cuda', c.built_with_cuda(), 'sync-free eigh (cuSOLVER)', c.built_with_cusolver())")
-  echo "## tests (the whole suite; GPU tests and the Triton kernels run compiled on CUDA)"
-  (cd /tmp && python3 -m pytest "$OLDPWD/tests" -q -rfEsxX 2>&1 | tail -30)
-  echo "## compute-sanitizer memcheck"
-  for b in cuda triton; do
-    compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m himo_fast --device cuda --n 257 --d 96 --steps 1 --backend $b 2>&1 | tail -4
+  nvcc --version | tail -2
+  for s in build "${stages[@]}"; do
+    echo "## $s"
+    t0=$(date +%s)
+    "stage_$s"
+    echo "## $s done in $(( $(date +%s) - t0 )) s"
   done
-  echo "## timing (forward+backward, median)"
-  for n in 1024 65536; do python3 -m himo_fast --device cuda --n $n --d 768 --dtype bfloat16 --steps 10 --backend cuda; done
-  python3 -m himo_fast --device cuda --n 1024 --d 768 --steps 10 --backend reference --backend triton
-  echo "## benchmark suite (himo_fast vs authors' loss, compiled, ClipLoss; HiDe per backend vs SVD)"
-  python3 -m pytest benchmarks --benchmark-only -q --benchmark-json="benchmarks/results/${stamp}-${gpu}.json" 2>&1 | tail -60
-} 2>&1 | tee "$res"
-[ -n "${OUT:-}" ] && cp "$res" benchmarks/results/${stamp}-${gpu}.json "$OUT/" 2>/dev/null
+} 2>&1 | tee "$res" "$log"
+if [ -n "${OUT:-}" ]; then
+  cp "$res" "$OUT/" 2>/dev/null
+  cp "$json" "${json%.json}-hide.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
+fi
+true

@@ -75,8 +75,11 @@ def _hide_factors_triton(u, tau):
 
 def _dual_infonce_compiled_or_reference(*args, **kwargs):
     # The Triton backend's own kernels are HiDe's; the dual InfoNCE is the compiled one
-    # where the extension is built, else the reference.
-    if _extension.unavailable_reason(need_cuda=args[0].is_cuda) is None:
+    # where the extension is built and takes the dtype (the CUDA kernels have no float64:
+    # float64 on a GPU is for gradcheck, not speed), else the reference.
+    x = args[0]
+    compiled = _extension.unavailable_reason(need_cuda=x.is_cuda) is None
+    if compiled and not (x.is_cuda and x.dtype == torch.float64):
         return dual_infonce.dual_infonce(*args, **kwargs)
     return reference.dual_infonce_reference(*args, **kwargs)
 

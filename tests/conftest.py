@@ -33,6 +33,23 @@ def loss_rel(a, b):
     return abs(a - b) / max(abs(b), 1.0)
 
 
+def run_fresh(code: str, timeout: float = 300):
+    """Run `code` in a fresh Python (tests/ importable) and return the CompletedProcess: for
+    what may crash or poison the process, such as a CUDA graph capture that fails (it leaves
+    the context and cuSOLVER's handle broken for every later test)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=os.path.dirname(__file__))
+
+
+def assert_ran(out) -> str:
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-3000:]}"
+    return out.stdout
+
+
 @pytest.fixture
 def cuda():
     if not torch.cuda.is_available():

@@ -179,6 +179,28 @@ def test_op_rejects_bad_input():
             torch.ops.himo_fast.dual_ce(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
 
 
+RUNTIME_PROBE = """
+import torch, himo_fast  # noqa: F401  (loads the extension)
+x = torch.randn(3, 4)
+try:
+    torch.ops.himo_fast.dual_ce(x, x, x, x, None, None, None, None, torch.tensor(2.0), 7)
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_error_messages_format_numbers_in_a_fresh_process():
+    # An extension linked with its own static libstdc++ (some Pythons' LDSHARED asks for
+    # it; setup.py drops the flag) segfaults when it formats an integer into a message: seen
+    # on a GPU machine. A fresh process, so that a crash fails this test, not the session.
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, f"crashed ({out.returncode}): {out.stderr[-2000:]}"
+    assert "label_offset must be 0" in out.stdout and "got 7" in out.stdout, out.stdout
+
+
 MEMORY_PROBE = """
 import sys, torch
 from himo_fast.dual_infonce import dual_infonce

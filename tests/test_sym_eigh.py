@@ -6,7 +6,7 @@ import torch
 
 import himo_fast
 from himo_fast import pca
-from conftest import rel
+from conftest import assert_ran, rel, run_fresh
 
 pytestmark = pytest.mark.skipif("cpu" not in himo_fast.available_backends("cpu"),
                                 reason="compiled extension not built")
@@ -63,17 +63,35 @@ def test_cuda_kernel_without_host_sync(cuda, dtype):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        w, v = pca.device_eigh(a)
+        w, _ = pca.device_eigh(a)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        pca.device_eigh(a)  # warm-up: handle and workspace outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        w_g, _ = pca.device_eigh(a)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel(w_g, w) <= 1e-6
+    assert rel(w.cpu(), torch.linalg.eigvalsh(a.double().cpu())) <= 1e-5
+
+
+CAPTURE = """
+import torch
+from himo_fast import pca
+x = torch.randn(203, 200, dtype=torch.float64)
+a = (x.T @ x).to("cuda", torch.float32)
+w, _ = pca.device_eigh(a)
+stream = torch.cuda.Stream()
+stream.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(stream):
+    pca.device_eigh(a)  # warm-up: handle and workspace outside the capture
+torch.cuda.current_stream().wait_stream(stream)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    w_g, _ = pca.device_eigh(a)
+graph.replay()
+torch.cuda.synchronize()
+assert ((w_g - w).norm() / w.norm()).item() <= 1e-6
+"""
+
+
+# Measured on an H100 (benchmarks/results/20261122T221211Z-NVIDIA_H100_80GB_HBM3.txt):
+# syevd returns CUSOLVER_STATUS_INTERNAL_ERROR (7) inside a capture; it is not capturable.
+# strict: a cuSOLVER that captures turns this into a failure that asks to drop the mark.
+@pytest.mark.xfail(reason="cuSOLVER syevd cannot be captured in a CUDA graph", strict=True)
+def test_cuda_kernel_in_a_graph_capture(cuda):
+    assert_ran(run_fresh(CAPTURE))
