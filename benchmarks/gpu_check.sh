@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build, validate, time. Writes benchmarks/results/<date>-<gpu>.txt
 # (and a copy under $OUT when run through the device tool).
-#   bash benchmarks/gpu_check.sh [STAGE ...]    stages: build tests memcheck timing bench
-# (bench = bench_hide + bench_losses). No stage named: all of them, in that order. `build` always runs first (the machine is
-# bare). Each stage has its own time limit, so one that hangs cannot eat the others'.
+#   bash benchmarks/gpu_check.sh [STAGE ...]
+#   stages: build tests memcheck timing probe_eigh bench (bench = bench_hide + bench_losses)
+# No stage named: all of them, in that order; `build` always runs first (the machine is
+# bare). Each stage has its own time limit, so one that hangs cannot eat the others'. All of
+# them take longer than one 10-minute device command: split them over two or three calls.
 # Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
 # tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
 # that folder is there (see benchmarks/README.md). TESTS="NAME ..." runs only those
@@ -12,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests memcheck timing bench)
+[ ${#stages[@]} -eq 0 ] && stages=(tests memcheck timing probe_eigh bench)
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 res="benchmarks/results/${stamp}-${gpu}.txt"
@@ -64,6 +66,11 @@ stage_timing() {  # forward+backward per step, median (python -m himo_fast)
   cd "$here"
 }
 
+stage_probe_eigh() {  # each eigensolver: accuracy, time, host sync, CUDA-graph capture
+  (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" --sizes 128 768 1024 \
+    --json "$here/${json%.json}-eigh.json")
+}
+
 # From /tmp, so that `import himo_fast` is the installed package, not the source tree.
 stage_bench_hide() {  # HiDe alone per backend vs the SVD-based HiDe
   (cd /tmp && timeout 300 python3 -m pytest "$here/benchmarks/test_hide.py" --benchmark-only -q \
@@ -93,6 +100,6 @@ stage_bench() { stage_bench_hide; stage_bench_losses; }
 } 2>&1 | tee "$res" "$log"
 if [ -n "${OUT:-}" ]; then
   cp "$res" "$OUT/" 2>/dev/null
-  cp "$json" "${json%.json}-hide.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
+  cp "$json" "${json%.json}-hide.json" "${json%.json}-eigh.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
 fi
 true

@@ -43,7 +43,8 @@ TORCH_LIBRARY(himo_fast, m) {
       "Tensor? cimg_c, Tensor? comp_c, Tensor scale, int label_offset=0, "
       "float label_smoothing=0.0, int strip_rows=0) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("sym_eigh(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
+  m.def("sym_eigh(Tensor a, str algorithm=\"syevd\") -> "
+        "(Tensor eigenvalues, Tensor eigenvectors, Tensor info)");
 }
 
 TORCH_LIBRARY_IMPL(himo_fast, CPU, m) {

@@ -4,8 +4,9 @@
 
 namespace himo {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eigh_cpu(const at::Tensor& a) {
-  check_sym_eigh_input(a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eigh_cpu(const at::Tensor& a,
+                                                            c10::string_view algorithm) {
+  check_sym_eigh_input(a, algorithm);
   auto [w, v] = at::linalg_eigh(a);
   return {w, v, at::zeros({}, a.options().dtype(at::kInt))};
 }

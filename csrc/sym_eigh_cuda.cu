@@ -1,14 +1,17 @@
-// himo_fast::sym_eigh on CUDA: cuSOLVER's syevd with its info flag left on the device.
-// torch.linalg.eigh runs the same routine but then reads the flag on the host (a sync);
-// HiDe does not need it: a failed decomposition can only come from non-finite input, which
-// already makes the loss NaN through the reconstruction product.
+// himo_fast::sym_eigh on CUDA: cuSOLVER's syevd (or syevj, or XsyevBatched) with its info
+// flag left on the device. torch.linalg.eigh runs syevd but then reads the flag on the host
+// (a sync); HiDe does not need it: a failed decomposition can only come from non-finite
+// input, which already makes the loss NaN through the reconstruction product. syevd passed
+// torch's sync-debug mode on an H100 but cannot be captured in a CUDA graph; syevj and
+// XsyevBatched are the candidates benchmarks/eigh_probe.py measures for that.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cusolverDn.h>
 
-#include <mutex>
+#include <type_traits>
 #include <unordered_map>
+#include <vector>
 
 #include "sym_eigh.h"
 
@@ -62,19 +65,95 @@ void syevd(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
                                     lwork, info.data_ptr<int>()));
 }
 
+template <typename T>
+struct Syevj;
+template <>
+struct Syevj<float> {
+  static constexpr auto size = cusolverDnSsyevj_bufferSize;
+  static constexpr auto run = cusolverDnSsyevj;
+};
+template <>
+struct Syevj<double> {
+  static constexpr auto size = cusolverDnDsyevj_bufferSize;
+  static constexpr auto run = cusolverDnDsyevj;
+};
+
+// One Jacobi parameter set per thread (cuSOLVER's defaults: tolerance at machine precision,
+// at most 100 sweeps), kept alive: the routine may still use it after the call returns.
+syevjInfo_t syevj_params() {
+  thread_local syevjInfo_t params = [] {
+    syevjInfo_t p;
+    HIMO_CUSOLVER_CHECK(cusolverDnCreateSyevjInfo(&p));
+    return p;
+  }();
+  return params;
+}
+
+template <typename T>
+void syevj(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
+  const int n = static_cast<int>(a.size(0));
+  cusolverDnHandle_t h = handle_for(a.get_device());
+  syevjInfo_t params = syevj_params();
+  int lwork = 0;
+  HIMO_CUSOLVER_CHECK(Syevj<T>::size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                                     a.data_ptr<T>(), n, w.data_ptr<T>(), &lwork, params));
+  at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
+  HIMO_CUSOLVER_CHECK(Syevj<T>::run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                                    a.data_ptr<T>(), n, w.data_ptr<T>(), work.data_ptr<T>(),
+                                    lwork, info.data_ptr<int>(), params));
+}
+
+// cusolverDnXsyevBatched with a batch of one. Its host workspace is kept per thread for the
+// same reason as the Jacobi parameters.
+template <typename T>
+void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
+  const int64_t n = a.size(0);
+  cusolverDnHandle_t h = handle_for(a.get_device());
+  thread_local cusolverDnParams_t params = [] {
+    cusolverDnParams_t p;
+    HIMO_CUSOLVER_CHECK(cusolverDnCreateParams(&p));
+    return p;
+  }();
+  thread_local std::vector<char> host_work;
+  const cudaDataType type = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
+  size_t device_bytes = 0, host_bytes = 0;
+  HIMO_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(
+      h, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, type, a.data_ptr<T>(), n,
+      type, w.data_ptr<T>(), type, &device_bytes, &host_bytes, 1));
+  at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(device_bytes, 1))},
+                              a.options().dtype(at::kByte));
+  if (host_work.size() < host_bytes) host_work.resize(host_bytes);
+  HIMO_CUSOLVER_CHECK(cusolverDnXsyevBatched(
+      h, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, type, a.data_ptr<T>(), n,
+      type, w.data_ptr<T>(), type, work.data_ptr(), device_bytes,
+      host_bytes ? host_work.data() : nullptr, host_bytes, info.data_ptr<int>(), 1));
+}
+
+template <typename T>
+void decompose(at::Tensor& a, at::Tensor& w, at::Tensor& info, c10::string_view algorithm) {
+  if (algorithm == "syevj") {
+    syevj<T>(a, w, info);
+  } else if (algorithm == "syev_batched") {
+    syev_batched<T>(a, w, info);
+  } else {
+    syevd<T>(a, w, info);
+  }
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& a) {
-  check_sym_eigh_input(a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sym_eigh_cuda(const at::Tensor& a,
+                                                             c10::string_view algorithm) {
+  check_sym_eigh_input(a, algorithm);
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor vecs = a.clone(at::MemoryFormat::Contiguous);
   at::Tensor w = at::empty({a.size(0)}, a.options());
   at::Tensor info = at::zeros({}, a.options().dtype(at::kInt));
   if (a.size(0) == 0) return {w, vecs, info};
   if (a.scalar_type() == at::kDouble) {
-    syevd<double>(vecs, w, info);
+    decompose<double>(vecs, w, info, algorithm);
   } else {
-    syevd<float>(vecs, w, info);
+    decompose<float>(vecs, w, info, algorithm);
   }
   // cuSOLVER wrote the eigenvectors as columns of a column-major matrix: the row-major
   // tensor holds them as rows.

@@ -90,7 +90,7 @@ def _register_sym_eigh() -> bool:
         return False
 
     @torch.library.register_fake("himo_fast::sym_eigh")
-    def _(a):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
+    def _(a, algorithm="syevd"):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
         return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
                 a.new_empty((), dtype=torch.int32))
     return True

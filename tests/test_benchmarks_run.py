@@ -18,3 +18,24 @@ def test_benchmark_suite_quick(tmp_path):
     assert any("himo_fast" in n for n in names) and any("official" in n for n in names)
     assert any("hide" in n and "official_svd" in n for n in names)
     assert all(b["extra_info"]["samples_per_s"] > 0 for b in runs)
+
+
+def test_eigh_probe_runs(tmp_path):
+    # benchmarks/eigh_probe.py is for a GPU (capture and sync of each eigensolver); on the
+    # CPU it runs the same rows through the CPU twin, so that the script cannot rot.
+    import json
+    import pytest
+    import himo_fast
+    if "cpu" not in himo_fast.available_backends("cpu"):
+        pytest.skip("compiled extension not built")
+    probe = Path(__file__).parent.parent / "benchmarks" / "eigh_probe.py"
+    out = subprocess.run([sys.executable, str(probe), "--sizes", "6", "17",
+                          "--json", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert {(r["solver"], r["k"]) for r in rows} == {
+        (s, k) for s in ("torch.linalg.eigh", "syevd", "syevj", "syev_batched") for k in (6, 17)}
+    for r in rows:
+        assert r["eig_err"] <= 1e-5 and r["residual"] <= 1e-5 and r["ms"] > 0, r
+        assert (r["syncs"] is None) == (r["device"] == "cpu")

@@ -17,8 +17,11 @@ def _psd(k, dtype, device="cpu", rank=None):
     return (x.T @ x).to(device, dtype)
 
 
-def _check(a):
-    w, v, info = torch.ops.himo_fast.sym_eigh(a)
+ALGORITHMS = ["syevd", "syevj", "syev_batched"]
+
+
+def _check(a, algorithm="syevd"):
+    w, v, info = torch.ops.himo_fast.sym_eigh(a, algorithm)
     w_ref = torch.linalg.eigvalsh(a.double().cpu())
     tol = 1e-10 if a.dtype == torch.float64 else 1e-5
     assert int(info) == 0 and info.dtype == torch.int32
@@ -33,11 +36,13 @@ def _check(a):
 def test_cpu_matches_torch_eigh(dtype, k):
     _check(_psd(k, dtype))
     _check(_psd(k, dtype, rank=2))  # rank-deficient: repeated zero eigenvalues
+    _check(_psd(k, dtype), "syevj")  # the CPU twin is LAPACK whatever the algorithm
 
 
 def test_opcheck():
     assert pca.SYM_EIGH_REGISTERED
     torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(5, torch.float64),))
+    torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(4, torch.float32), "syevj"))
 
 
 def test_bad_input():
@@ -45,6 +50,8 @@ def test_bad_input():
         torch.ops.himo_fast.sym_eigh(torch.randn(3, 4))
     with pytest.raises(TypeError, match="float32 or float64, got Half"):
         torch.ops.himo_fast.sym_eigh(torch.randn(3, 3).half())
+    with pytest.raises(ValueError, match="algorithm must be 'syevd', 'syevj' or 'syev_batched', got 'qr'"):
+        torch.ops.himo_fast.sym_eigh(torch.eye(3), "qr")
 
 
 def test_device_eigh_is_torch_eigh_on_cpu():
@@ -67,6 +74,14 @@ def test_cuda_kernel_without_host_sync(cuda, dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert rel(w.cpu(), torch.linalg.eigvalsh(a.double().cpu())) <= 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_other_algorithms_match_eigh(cuda, dtype, algorithm):
+    # Whether they sync or capture is measured by benchmarks/eigh_probe.py, not asserted.
+    _check(_psd(200, dtype, cuda), algorithm)
+    _check(_psd(33, dtype, cuda, rank=3), algorithm)
 
 
 CAPTURE = """

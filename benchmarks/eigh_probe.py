@@ -1,0 +1,152 @@
+"""Which symmetric eigensolver can HiDe use on a GPU? For each candidate and size: accuracy
+against float64 LAPACK, median time, whether torch's sync-debug mode sees a host sync (it
+sees torch's own only: a sync inside cuSOLVER shows as a failed capture instead) and whether
+it can be captured in a CUDA graph (each capture in a fresh process: a failed capture breaks
+the context for everything after it).
+
+    python benchmarks/eigh_probe.py [--sizes 128 768 1024] [--json PATH]
+
+Candidates: torch.linalg.eigh (syevd, then a host read of its status) and himo_fast::sym_eigh
+with cuSOLVER's syevd, syevj (Jacobi) and XsyevBatched. On an H100 (2026-11-22) syevd was
+measured sync-free but not capturable, 11-12 ms for HiDe's 768² matrix (benchmarks/README.md).
+Without a GPU it runs the same on the CPU (no capture), so that tests can keep it working.
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+import himo_fast  # noqa: F401  (registers himo_fast::sym_eigh)
+from himo_fast import pca
+
+CANDIDATES = ["torch.linalg.eigh", "syevd", "syevj", "syev_batched"]
+
+CAPTURE = """
+import sys, torch
+import himo_fast
+from himo_fast import pca
+name, k = sys.argv[1], int(sys.argv[2])
+x = torch.randn(k + 3, k, dtype=torch.float64)
+a = (x.T @ x).to("cuda", torch.float32)
+run = (lambda: torch.linalg.eigh(a)[0]) if name == "torch.linalg.eigh" else (
+    lambda: torch.ops.himo_fast.sym_eigh(a, name)[0])
+w = run()
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    run()
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    w_g = run()
+graph.replay()
+torch.cuda.synchronize()
+err = ((w_g - w).norm() / w.norm()).item()
+assert err <= 1e-5, err
+"""
+
+
+def solver(name):
+    if name == "torch.linalg.eigh":
+        return torch.linalg.eigh
+    return lambda a: torch.ops.himo_fast.sym_eigh(a, name)[:2]
+
+
+def accuracy(a, w, v):
+    """(eigenvalue error against float64 LAPACK, ‖AV − VΛ‖ / ‖A‖), both relative."""
+    ref = torch.linalg.eigvalsh(a.double().cpu())
+    a64, w64, v64 = a.double().cpu(), w.double().cpu(), v.double().cpu()
+    return (((w64 - ref).norm() / ref.norm()).item(),
+            ((a64 @ v64 - v64 * w64).norm() / a64.norm()).item())
+
+
+def median_ms(fn, a, repeats=20):
+    if a.is_cuda:
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(a)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(a)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def syncs(fn, a):
+    if not a.is_cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(a)
+        return False
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def captures(name, k):
+    out = subprocess.run([sys.executable, "-c", CAPTURE, name, str(k)], capture_output=True,
+                         text=True, timeout=300)
+    last = (out.stderr.strip().splitlines() or [""])[-1]
+    return out.returncode == 0, last[:200]
+
+
+def probe(sizes, device, names=CANDIDATES, repeats=20):
+    rows = []
+    for k in sizes:
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(k + 3, k, dtype=torch.float64, generator=g)
+        a = (x.T @ x).to(device, torch.float32)
+        for name in names:
+            fn = solver(name)
+            try:
+                w, v = fn(a)  # warm-up: handles, workspace
+                row = dict(zip(("eig_err", "residual"), accuracy(a, w, v)))
+                row.update(ms=median_ms(fn, a, repeats), syncs=syncs(fn, a))
+                if a.is_cuda:
+                    row["captures"], row["capture_error"] = captures(name, k)
+            except RuntimeError as err:  # a candidate this cuSOLVER refuses: say so, go on
+                row = {"error": str(err).splitlines()[0][:200]}
+            rows.append(dict(solver=name, k=k, device=str(device), **row))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 768, 1024])
+    p.add_argument("--json", help="write the rows here too")
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                torch=torch.__version__, cuda=torch.version.cuda,
+                sym_eigh_on_cuda=device == "cuda" and pca.SYM_EIGH_REGISTERED)
+    rows = probe(a.sizes, device)
+    print(json.dumps(info))
+    print(f"{'solver':>18} {'k':>5} {'ms':>8} {'eig err':>9} {'residual':>9} {'syncs':>6} captures")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['solver']:>18} {r['k']:>5}  error: {r['error']}")
+            continue
+        cap = r.get("captures")
+        cap = "n/a" if cap is None else ("yes" if cap else f"no ({r['capture_error']})")
+        print(f"{r['solver']:>18} {r['k']:>5} {r['ms']:8.3f} {r['eig_err']:9.1e} "
+              f"{r['residual']:9.1e} {str(r['syncs']):>6} {cap}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
