@@ -131,7 +131,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 torch=torch.__version__, cuda=torch.version.cuda,
-                sym_eigh_on_cuda=device == "cuda" and pca.SYM_EIGH_REGISTERED)
+                sym_eigh_on_cuda=device == "cuda" and pca.SYM_EIGH_ON_CUDA)
     rows = probe(a.sizes, device)
     print(json.dumps(info))
     print(f"{'solver':>18} {'k':>5} {'ms':>8} {'eig err':>9} {'residual':>9} {'syncs':>6} captures")

@@ -400,12 +400,18 @@ at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& like) {
   return scale.reshape({}).to(acc_type(like)).contiguous();
 }
 
+// Part i (along dim 0) of the logits the forward keeps; undefined when it keeps none
+// (the op's logits output is then empty).
+at::Tensor kept_part(const at::Tensor& kept, int64_t i) {
+  return kept.defined() && kept.numel() != 0 ? kept[i] : at::Tensor();
+}
+
 // Forward of one branch: the cross entropies and nlls of its two directions.
 // keep: [jobs, B, N] for this branch's logits (one job square, two otherwise), or undefined.
 void branch_forward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
                     at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab, at::Tensor nll_ba,
                     int64_t strip, const at::Tensor& keep) {
-  auto job = [&](int64_t j) { return keep.defined() ? keep[j] : at::Tensor(); };
+  auto job = [&](int64_t j) { return kept_part(keep, j); };
   const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps);
   const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps);
   const at::Tensor ref_ab = t_ab.label * s, ref_ba = t_ba.label * s;
@@ -437,7 +443,7 @@ void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, doub
                      const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll,
                      at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip,
                      const at::Tensor& kept) {
-  auto job = [&](int64_t j) { return kept.defined() ? kept[j] : at::Tensor(); };
+  auto job = [&](int64_t j) { return kept_part(kept, j); };
   const auto opts = br.a_r.options().dtype(acc_type(br.a_r));
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
@@ -467,6 +473,12 @@ bool keeps_logits(const Inputs& in) {
   return in.global.a_r.is_cpu() && 2 * jobs_per_branch(in) * in.B * in.N <= kCpuLogitsElements;
 }
 
+// The op's logits [2·jobs, B, N] seen as [branch, job, B, N]; empty stays empty.
+at::Tensor per_branch_logits(const at::Tensor& logits, const Inputs& in) {
+  if (logits.numel() == 0) return logits;
+  return logits.view({2, jobs_per_branch(in), in.B, in.N});
+}
+
 }  // namespace
 
 const StripKernels& cpu_kernels() {
@@ -490,13 +502,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
   const int64_t jobs = jobs_per_branch(in);
   at::Tensor logits = keeps_logits(in) ? at::empty({2 * jobs, in.B, in.N}, opts)
                                        : at::empty({0}, opts);
-  auto kept = [&](int64_t branch) {
-    return logits.numel() ? logits.narrow(0, branch * jobs, jobs) : at::Tensor();
-  };
+  const at::Tensor per_branch = per_branch_logits(logits, in);
   branch_forward(in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0], nll[1], strip,
-                 kept(0));
+                 kept_part(per_branch, 0));
   branch_forward(in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2], nll[3], strip,
-                 kept(1));
+                 kept_part(per_branch, 1));
   return {ce, nll, logits};
 }
 
@@ -525,9 +535,7 @@ std::vector<at::Tensor> dual_ce_backward_impl(
                               logits.device() == img_r.device()),
                     "himo_fast dual_ce_backward: logits must be empty or the forward's [",
                     2 * jobs, ", ", in.B, ", ", in.N, "] output, got ", logits.sizes());
-  auto kept_of = [&](int64_t branch) {
-    return kept ? logits.narrow(0, branch * jobs, jobs) : at::Tensor();
-  };
+  const at::Tensor per_branch = per_branch_logits(logits, in);
   const at::Tensor s = scale_acc(scale, img_r);
   auto ready = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const at::Tensor g_ce = ready(grad_ce), g_nll = ready(grad_nll), l = ready(nll);
@@ -536,9 +544,9 @@ std::vector<at::Tensor> dual_ce_backward_impl(
   std::vector<at::Tensor> grads;
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
   branch_backward(in.global, s, label_offset, label_smoothing, two(l, 0), two(g_ce, 0),
-                  two(g_nll, 0), dscale, grads, strip, kept_of(0));
+                  two(g_nll, 0), dscale, grads, strip, kept_part(per_branch, 0));
   branch_backward(in.comp, s, label_offset, label_smoothing, two(l, 2), two(g_ce, 2),
-                  two(g_nll, 2), dscale, grads, strip, kept_of(1));
+                  two(g_nll, 2), dscale, grads, strip, kept_part(per_branch, 1));
   // Order of the op's inputs: rows (img, txt, cimg, comp), columns (same), scale.
   return {grads[0], grads[1], grads[4], grads[5], grads[2], grads[3], grads[6], grads[7], dscale};
 }

@@ -18,12 +18,11 @@
 namespace himo {
 namespace {
 
-#define HIMO_CUSOLVER_CHECK(expr)                                                     \
-  do {                                                                               \
-    const cusolverStatus_t status = (expr);                                          \
-    TORCH_CHECK(status == CUSOLVER_STATUS_SUCCESS, "himo_fast sym_eigh: ", #expr,    \
-                " failed with cuSOLVER status ", static_cast<int>(status));          \
-  } while (0)
+template <typename... What>
+void check(cusolverStatus_t status, const What&... what) {
+  TORCH_CHECK(status == CUSOLVER_STATUS_SUCCESS, "himo_fast sym_eigh: ", what...,
+              " failed with cuSOLVER status ", static_cast<int>(status));
+}
 
 // One handle per (thread, device), bound to the current stream at each call.
 cusolverDnHandle_t handle_for(int device) {
@@ -31,51 +30,30 @@ cusolverDnHandle_t handle_for(int device) {
   auto it = handles.find(device);
   if (it == handles.end()) {
     cusolverDnHandle_t h;
-    HIMO_CUSOLVER_CHECK(cusolverDnCreate(&h));
+    check(cusolverDnCreate(&h), "cusolverDnCreate");
     it = handles.emplace(device, h).first;
   }
-  HIMO_CUSOLVER_CHECK(cusolverDnSetStream(it->second, c10::cuda::getCurrentCUDAStream(device)));
+  check(cusolverDnSetStream(it->second, c10::cuda::getCurrentCUDAStream(device)),
+        "cusolverDnSetStream");
   return it->second;
 }
 
+// cuSOLVER's routines per precision (S: float, D: double).
 template <typename T>
-struct Syevd;
+struct Routines;
 template <>
-struct Syevd<float> {
-  static constexpr auto size = cusolverDnSsyevd_bufferSize;
-  static constexpr auto run = cusolverDnSsyevd;
+struct Routines<float> {
+  static constexpr auto syevd_size = cusolverDnSsyevd_bufferSize;
+  static constexpr auto syevd = cusolverDnSsyevd;
+  static constexpr auto syevj_size = cusolverDnSsyevj_bufferSize;
+  static constexpr auto syevj = cusolverDnSsyevj;
 };
 template <>
-struct Syevd<double> {
-  static constexpr auto size = cusolverDnDsyevd_bufferSize;
-  static constexpr auto run = cusolverDnDsyevd;
-};
-
-template <typename T>
-void syevd(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
-  const int n = static_cast<int>(a.size(0));
-  cusolverDnHandle_t h = handle_for(a.get_device());
-  int lwork = 0;
-  // Symmetric input: its row-major buffer is its column-major one.
-  HIMO_CUSOLVER_CHECK(Syevd<T>::size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                     a.data_ptr<T>(), n, w.data_ptr<T>(), &lwork));
-  at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
-  HIMO_CUSOLVER_CHECK(Syevd<T>::run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                    a.data_ptr<T>(), n, w.data_ptr<T>(), work.data_ptr<T>(),
-                                    lwork, info.data_ptr<int>()));
-}
-
-template <typename T>
-struct Syevj;
-template <>
-struct Syevj<float> {
-  static constexpr auto size = cusolverDnSsyevj_bufferSize;
-  static constexpr auto run = cusolverDnSsyevj;
-};
-template <>
-struct Syevj<double> {
-  static constexpr auto size = cusolverDnDsyevj_bufferSize;
-  static constexpr auto run = cusolverDnDsyevj;
+struct Routines<double> {
+  static constexpr auto syevd_size = cusolverDnDsyevd_bufferSize;
+  static constexpr auto syevd = cusolverDnDsyevd;
+  static constexpr auto syevj_size = cusolverDnDsyevj_bufferSize;
+  static constexpr auto syevj = cusolverDnDsyevj;
 };
 
 // One Jacobi parameter set per thread (cuSOLVER's defaults: tolerance at machine precision,
@@ -83,24 +61,28 @@ struct Syevj<double> {
 syevjInfo_t syevj_params() {
   thread_local syevjInfo_t params = [] {
     syevjInfo_t p;
-    HIMO_CUSOLVER_CHECK(cusolverDnCreateSyevjInfo(&p));
+    check(cusolverDnCreateSyevjInfo(&p), "cusolverDnCreateSyevjInfo");
     return p;
   }();
   return params;
 }
 
-template <typename T>
-void syevj(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
+// The calling sequence syevd and syevj share: workspace query, workspace, decomposition
+// (syevj takes its parameter set last).
+template <typename T, typename Size, typename Run, typename... Params>
+void lapack_style(const char* routine, Size size, Run run, at::Tensor& a, at::Tensor& w,
+                  at::Tensor& info, Params... params) {
   const int n = static_cast<int>(a.size(0));
   cusolverDnHandle_t h = handle_for(a.get_device());
-  syevjInfo_t params = syevj_params();
   int lwork = 0;
-  HIMO_CUSOLVER_CHECK(Syevj<T>::size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                     a.data_ptr<T>(), n, w.data_ptr<T>(), &lwork, params));
+  // Symmetric input: its row-major buffer is its column-major one.
+  check(size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, a.data_ptr<T>(), n,
+             w.data_ptr<T>(), &lwork, params...),
+        routine, "_bufferSize");
   at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
-  HIMO_CUSOLVER_CHECK(Syevj<T>::run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
-                                    a.data_ptr<T>(), n, w.data_ptr<T>(), work.data_ptr<T>(),
-                                    lwork, info.data_ptr<int>(), params));
+  check(run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, a.data_ptr<T>(), n,
+            w.data_ptr<T>(), work.data_ptr<T>(), lwork, info.data_ptr<int>(), params...),
+        routine);
 }
 
 // cusolverDnXsyevBatched with a batch of one. Its host workspace is kept per thread for the
@@ -111,32 +93,37 @@ void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   cusolverDnHandle_t h = handle_for(a.get_device());
   thread_local cusolverDnParams_t params = [] {
     cusolverDnParams_t p;
-    HIMO_CUSOLVER_CHECK(cusolverDnCreateParams(&p));
+    check(cusolverDnCreateParams(&p), "cusolverDnCreateParams");
     return p;
   }();
   thread_local std::vector<char> host_work;
   const cudaDataType type = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
   size_t device_bytes = 0, host_bytes = 0;
-  HIMO_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(
-      h, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, type, a.data_ptr<T>(), n,
-      type, w.data_ptr<T>(), type, &device_bytes, &host_bytes, 1));
+  check(cusolverDnXsyevBatched_bufferSize(h, params, CUSOLVER_EIG_MODE_VECTOR,
+                                          CUBLAS_FILL_MODE_LOWER, n, type, a.data_ptr<T>(), n,
+                                          type, w.data_ptr<T>(), type, &device_bytes,
+                                          &host_bytes, 1),
+        "cusolverDnXsyevBatched_bufferSize");
   at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(device_bytes, 1))},
                               a.options().dtype(at::kByte));
   if (host_work.size() < host_bytes) host_work.resize(host_bytes);
-  HIMO_CUSOLVER_CHECK(cusolverDnXsyevBatched(
-      h, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, type, a.data_ptr<T>(), n,
-      type, w.data_ptr<T>(), type, work.data_ptr(), device_bytes,
-      host_bytes ? host_work.data() : nullptr, host_bytes, info.data_ptr<int>(), 1));
+  check(cusolverDnXsyevBatched(h, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                               type, a.data_ptr<T>(), n, type, w.data_ptr<T>(), type,
+                               work.data_ptr(), device_bytes,
+                               host_bytes ? host_work.data() : nullptr, host_bytes,
+                               info.data_ptr<int>(), 1),
+        "cusolverDnXsyevBatched");
 }
 
 template <typename T>
 void decompose(at::Tensor& a, at::Tensor& w, at::Tensor& info, c10::string_view algorithm) {
   if (algorithm == "syevj") {
-    syevj<T>(a, w, info);
+    lapack_style<T>("syevj", Routines<T>::syevj_size, Routines<T>::syevj, a, w, info,
+                    syevj_params());
   } else if (algorithm == "syev_batched") {
     syev_batched<T>(a, w, info);
   } else {
-    syevd<T>(a, w, info);
+    lapack_style<T>("syevd", Routines<T>::syevd_size, Routines<T>::syevd, a, w, info);
   }
 }
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _extension
 from .subspace_iteration import deflated_resolvent, start_block, top_eigenpairs
 
 # Variance floor in the explained-variance ratio (the authors' max(Σλ, 1e-8)).
@@ -85,7 +86,6 @@ def numerical_zero(eigvals: torch.Tensor) -> torch.Tensor:
 def _register_sym_eigh() -> bool:
     """The fake kernel of himo_fast::sym_eigh (torch.compile, opcheck); False without the
     extension. At import, so that nothing registers while a graph is being traced."""
-    from . import _extension
     if _extension.extension() is None:
         return False
 
@@ -97,22 +97,19 @@ def _register_sym_eigh() -> bool:
 
 
 SYM_EIGH_REGISTERED = _register_sym_eigh()
+# Whether himo_fast::sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
+SYM_EIGH_ON_CUDA = SYM_EIGH_REGISTERED and _extension.extension().built_with_cusolver()
 
 
 def device_eigh(a: torch.Tensor):
     """(eigenvalues ascending, eigenvectors) like torch.linalg.eigh, but without its host
     read of the solver's info flag (a sync on a GPU) where himo_fast._C has cuSOLVER's
-    kernel (csrc/sym_eigh_cuda.cu); torch.linalg.eigh elsewhere. A failure can only come
-    from non-finite input, which makes the loss NaN through the reconstruction anyway."""
-    if a.is_cuda and SYM_EIGH_REGISTERED and _extension_has_cusolver():
+    kernel; torch.linalg.eigh elsewhere. A failure can only come from non-finite input,
+    which makes the loss NaN through the reconstruction anyway."""
+    if a.is_cuda and SYM_EIGH_ON_CUDA:
         w, v, _ = torch.ops.himo_fast.sym_eigh(a)
         return w, v
     return torch.linalg.eigh(a)
-
-
-def _extension_has_cusolver() -> bool:
-    from . import _extension
-    return _extension.extension().built_with_cusolver()
 
 
 def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
@@ -252,15 +249,15 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     """
     lam = sub.eigvals
     floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
-    gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     if sub.gram:
         s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
     else:
         s_kept = 0.5 * (x.T @ grad_z + grad_b)  # S V_m
-    k12 = (parts.rest.T @ s_kept).T / gap
-    if parts.across is not None:
-        k12 = k12 * parts.across
     if parts.complement is None:
+        gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
+        k12 = (parts.rest.T @ s_kept).T / gap
+        if parts.across is not None:
+            k12 = k12 * parts.across
         w = parts.rest @ k12.T
     else:  # the rest is the block's other Ritz vectors plus everything outside the block
         c = parts.complement

@@ -33,15 +33,17 @@ def loss_rel(a, b):
     return abs(a - b) / max(abs(b), 1.0)
 
 
-def run_fresh(code: str, timeout: float = 300):
-    """Run `code` in a fresh Python (tests/ importable) and return the CompletedProcess: for
-    what may crash or poison the process, such as a CUDA graph capture that fails (it leaves
-    the context and cuSOLVER's handle broken for every later test)."""
+def run_fresh(code: str, *args: str, timeout: float = 300):
+    """Run `code` (sys.argv[1:] = args) in a fresh Python and return the CompletedProcess:
+    for what may crash or poison the process (a CUDA graph capture that fails leaves the
+    context and cuSOLVER's handle broken for every later test), or must measure a process
+    of its own. It runs in tests/ (importable), outside the checkout's root, so that
+    `import himo_fast` is the installed package with its extension."""
     import subprocess
     import sys
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(__file__))
 
 

@@ -223,13 +223,8 @@ print(base, kib("VmHWM"))
 
 
 def _peak_extra_bytes(strip_rows):
-    import subprocess
-    import sys
-    import tempfile
-    # Run outside the checkout so the installed package (with its extension) is imported.
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(strip_rows)],
-                         capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
-    base, peak = map(int, out.stdout.split()[-2:])
+    out = assert_ran(run_fresh(MEMORY_PROBE, str(strip_rows), timeout=900))
+    base, peak = map(int, out.split()[-2:])
     return (peak - base) * 1024
 
 
