@@ -4,15 +4,19 @@ sees torch's own only: a sync inside cuSOLVER shows as a failed capture instead)
 it can be captured in a CUDA graph (each capture in a fresh process: a failed capture breaks
 the context for everything after it).
 
-    python benchmarks/eigh_probe.py [--sizes 128 768 1024] [--json PATH]
+    python benchmarks/eigh_probe.py [--sizes 128 768 1024] [--repeats 20] [--json PATH]
 
-Candidates: torch.linalg.eigh (syevd, then a host read of its status) and himo_fast::sym_eigh
-with cuSOLVER's syevd, syevj (Jacobi) and XsyevBatched. On an H100 (2026-11-22) syevd was
-measured sync-free but not capturable, 11-12 ms for HiDe's 768² matrix (benchmarks/README.md).
-Without a GPU it runs the same on the CPU (no capture), so that tests can keep it working.
+Candidates: torch.linalg.eigh (syevd, then a host read of its status), himo_fast::sym_eigh
+with cuSOLVER's syevd and XsyevBatched, and the Triton Jacobi solver (kernels/eigh.py). A
+candidate that captures is also timed as a graph replay (`graph ms`: no launch overhead).
+On an H100 (2026-11-22) syevd was sync-free but not capturable, 8.2 ms at 768; XsyevBatched
+captured at 128 only; syevj (dropped since) was slower, less accurate, not capturable.
+Without a GPU it runs the same on the CPU (no capture; Jacobi under TRITON_INTERPRET=1), so
+that tests can keep it working.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -21,17 +25,16 @@ import torch
 import himo_fast  # noqa: F401  (registers himo_fast::sym_eigh)
 from himo_fast import pca
 
-CANDIDATES = ["torch.linalg.eigh", "syevd", "syevj", "syev_batched"]
+CANDIDATES = ["torch.linalg.eigh", "syevd", "syev_batched", "jacobi"]
 
 CAPTURE = """
 import sys, torch
-import himo_fast
-from himo_fast import pca
+from eigh_probe import median_ms, solver
 name, k = sys.argv[1], int(sys.argv[2])
 x = torch.randn(k + 3, k, dtype=torch.float64)
 a = (x.T @ x).to("cuda", torch.float32)
-run = (lambda: torch.linalg.eigh(a)[0]) if name == "torch.linalg.eigh" else (
-    lambda: torch.ops.himo_fast.sym_eigh(a, name)[0])
+fn = solver(name)
+run = lambda: fn(a)[0]
 w = run()
 side = torch.cuda.Stream()
 side.wait_stream(torch.cuda.current_stream())
@@ -45,12 +48,16 @@ graph.replay()
 torch.cuda.synchronize()
 err = ((w_g - w).norm() / w.norm()).item()
 assert err <= 1e-5, err
+print("graph_ms", median_ms(lambda _: graph.replay(), a))
 """
 
 
 def solver(name):
     if name == "torch.linalg.eigh":
         return torch.linalg.eigh
+    if name == "jacobi":
+        from himo_fast.kernels.eigh import jacobi_eigh
+        return jacobi_eigh
     return lambda a: torch.ops.himo_fast.sym_eigh(a, name)[:2]
 
 
@@ -97,10 +104,13 @@ def syncs(fn, a):
 
 
 def captures(name, k):
+    """(captured?, the error's line or None, replay ms or None), in a fresh process."""
     out = subprocess.run([sys.executable, "-c", CAPTURE, name, str(k)], capture_output=True,
-                         text=True, timeout=300)
-    last = (out.stderr.strip().splitlines() or [""])[-1]
-    return out.returncode == 0, last[:200]
+                         text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode == 0:
+        return True, None, float(out.stdout.split("graph_ms")[-1])
+    errors = [line for line in out.stderr.splitlines() if "Error" in line] or [""]
+    return False, errors[-1][:200], None
 
 
 def probe(sizes, device, names=CANDIDATES, repeats=20):
@@ -116,7 +126,7 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
                 row = dict(zip(("eig_err", "residual"), accuracy(a, w, v)))
                 row.update(ms=median_ms(fn, a, repeats), syncs=syncs(fn, a))
                 if a.is_cuda:
-                    row["captures"], row["capture_error"] = captures(name, k)
+                    row["captures"], row["capture_error"], row["graph_ms"] = captures(name, k)
             except RuntimeError as err:  # a candidate this cuSOLVER refuses: say so, go on
                 row = {"error": str(err).splitlines()[0][:200]}
             rows.append(dict(solver=name, k=k, device=str(device), **row))
@@ -126,22 +136,25 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 768, 1024])
+    p.add_argument("--repeats", type=int, default=20, help="timed runs (median)")
     p.add_argument("--json", help="write the rows here too")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 torch=torch.__version__, cuda=torch.version.cuda,
                 sym_eigh_on_cuda=device == "cuda" and pca.SYM_EIGH_ON_CUDA)
-    rows = probe(a.sizes, device)
+    rows = probe(a.sizes, device, repeats=a.repeats)
     print(json.dumps(info))
-    print(f"{'solver':>18} {'k':>5} {'ms':>8} {'eig err':>9} {'residual':>9} {'syncs':>6} captures")
+    print(f"{'solver':>18} {'k':>5} {'ms':>8} {'graph ms':>8} {'eig err':>9} {'residual':>9} "
+          f"{'syncs':>6} captures")
     for r in rows:
         if "error" in r:
             print(f"{r['solver']:>18} {r['k']:>5}  error: {r['error']}")
             continue
         cap = r.get("captures")
         cap = "n/a" if cap is None else ("yes" if cap else f"no ({r['capture_error']})")
-        print(f"{r['solver']:>18} {r['k']:>5} {r['ms']:8.3f} {r['eig_err']:9.1e} "
+        graph = "" if r.get("graph_ms") is None else f"{r['graph_ms']:.3f}"
+        print(f"{r['solver']:>18} {r['k']:>5} {r['ms']:8.3f} {graph:>8} {r['eig_err']:9.1e} "
               f"{r['residual']:9.1e} {str(r['syncs']):>6} {cap}")
     if a.json:
         with open(a.json, "w") as f:

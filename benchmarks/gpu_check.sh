@@ -2,7 +2,8 @@
 # One call on a GPU machine: build, validate, time. Writes benchmarks/results/<date>-<gpu>.txt
 # (and a copy under $OUT when run through the device tool).
 #   bash benchmarks/gpu_check.sh [STAGE ...]
-#   stages: build tests memcheck timing probe_eigh bench (bench = bench_hide + bench_losses)
+#   stages: build tests memcheck timing probe_eigh profile_jacobi bench
+#   (bench = bench_hide + bench_losses)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
 # bare). Each stage has its own time limit, so one that hangs cannot eat the others'. All of
 # them take longer than one 10-minute device command: split them over two or three calls.
@@ -63,11 +64,20 @@ stage_timing() {  # forward+backward per step, median (python -m himo_fast)
   done
   timeout 150 python3 -m himo_fast --device cuda --n 65536 --d 768 --dtype bfloat16 --steps 5 \
     --backend cuda --backend triton
+  # The step as one CUDA graph (HiDe's eigensolver: Jacobi kernels while capturing).
+  for n in 1024 65536; do
+    timeout 150 python3 -m himo_fast --device cuda --n $n --d 768 --dtype bfloat16 --steps 10 \
+      --backend triton --graph
+  done
   cd "$here"
 }
 
+stage_profile_jacobi() {  # the capture-time Jacobi solver: per-launch kernel time, graph replay
+  (cd /tmp && timeout 120 python3 "$here/benchmarks/jacobi_profile.py" --sizes 128 768)
+}
+
 stage_probe_eigh() {  # each eigensolver: accuracy, time, host sync, CUDA-graph capture
-  (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" --sizes 128 768 1024 \
+  (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" --sizes 128 256 512 768 1024 \
     --json "$here/${json%.json}-eigh.json")
 }
 

@@ -1,9 +1,11 @@
-// himo_fast::sym_eigh on CUDA: cuSOLVER's syevd (or syevj, or XsyevBatched) with its info
-// flag left on the device. torch.linalg.eigh runs syevd but then reads the flag on the host
-// (a sync); HiDe does not need it: a failed decomposition can only come from non-finite
-// input, which already makes the loss NaN through the reconstruction product. syevd passed
-// torch's sync-debug mode on an H100 but cannot be captured in a CUDA graph; syevj and
-// XsyevBatched are the candidates benchmarks/eigh_probe.py measures for that.
+// himo_fast::sym_eigh on CUDA: cuSOLVER's syevd (or XsyevBatched) with its info flag left on
+// the device. torch.linalg.eigh runs syevd but then reads the flag on the host (a sync);
+// HiDe does not need it: a failed decomposition can only come from non-finite input, which
+// already makes the loss NaN through the reconstruction product. syevd passed torch's
+// sync-debug mode on an H100 but cannot be captured in a CUDA graph; XsyevBatched captured
+// at n = 128 and not at 768 (benchmarks/eigh_probe.py; capture uses kernels/eigh.py).
+// syevj was measured too and dropped: slower (29 ms at 768), 3e-4 eigenvalue error with its
+// default parameters, not capturable.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,55 +40,39 @@ cusolverDnHandle_t handle_for(int device) {
   return it->second;
 }
 
-// cuSOLVER's routines per precision (S: float, D: double).
+// cuSOLVER's syevd per precision (S: float, D: double).
 template <typename T>
 struct Routines;
 template <>
 struct Routines<float> {
   static constexpr auto syevd_size = cusolverDnSsyevd_bufferSize;
   static constexpr auto syevd = cusolverDnSsyevd;
-  static constexpr auto syevj_size = cusolverDnSsyevj_bufferSize;
-  static constexpr auto syevj = cusolverDnSsyevj;
 };
 template <>
 struct Routines<double> {
   static constexpr auto syevd_size = cusolverDnDsyevd_bufferSize;
   static constexpr auto syevd = cusolverDnDsyevd;
-  static constexpr auto syevj_size = cusolverDnDsyevj_bufferSize;
-  static constexpr auto syevj = cusolverDnDsyevj;
 };
 
-// One Jacobi parameter set per thread (cuSOLVER's defaults: tolerance at machine precision,
-// at most 100 sweeps), kept alive: the routine may still use it after the call returns.
-syevjInfo_t syevj_params() {
-  thread_local syevjInfo_t params = [] {
-    syevjInfo_t p;
-    check(cusolverDnCreateSyevjInfo(&p), "cusolverDnCreateSyevjInfo");
-    return p;
-  }();
-  return params;
-}
-
-// The calling sequence syevd and syevj share: workspace query, workspace, decomposition
-// (syevj takes its parameter set last).
-template <typename T, typename Size, typename Run, typename... Params>
-void lapack_style(const char* routine, Size size, Run run, at::Tensor& a, at::Tensor& w,
-                  at::Tensor& info, Params... params) {
+// syevd: workspace query, workspace, decomposition.
+template <typename T>
+void syevd(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   const int n = static_cast<int>(a.size(0));
   cusolverDnHandle_t h = handle_for(a.get_device());
   int lwork = 0;
   // Symmetric input: its row-major buffer is its column-major one.
-  check(size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, a.data_ptr<T>(), n,
-             w.data_ptr<T>(), &lwork, params...),
-        routine, "_bufferSize");
+  check(Routines<T>::syevd_size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                                a.data_ptr<T>(), n, w.data_ptr<T>(), &lwork),
+        "syevd_bufferSize");
   at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
-  check(run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, a.data_ptr<T>(), n,
-            w.data_ptr<T>(), work.data_ptr<T>(), lwork, info.data_ptr<int>(), params...),
-        routine);
+  check(Routines<T>::syevd(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+                           a.data_ptr<T>(), n, w.data_ptr<T>(), work.data_ptr<T>(), lwork,
+                           info.data_ptr<int>()),
+        "syevd");
 }
 
-// cusolverDnXsyevBatched with a batch of one. Its host workspace is kept per thread for the
-// same reason as the Jacobi parameters.
+// cusolverDnXsyevBatched with a batch of one. Its parameters and host workspace are kept per
+// thread: the routine may still use them after the call returns.
 template <typename T>
 void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   const int64_t n = a.size(0);
@@ -117,13 +103,10 @@ void syev_batched(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
 
 template <typename T>
 void decompose(at::Tensor& a, at::Tensor& w, at::Tensor& info, c10::string_view algorithm) {
-  if (algorithm == "syevj") {
-    lapack_style<T>("syevj", Routines<T>::syevj_size, Routines<T>::syevj, a, w, info,
-                    syevj_params());
-  } else if (algorithm == "syev_batched") {
+  if (algorithm == "syev_batched") {
     syev_batched<T>(a, w, info);
   } else {
-    lapack_style<T>("syevd", Routines<T>::syevd_size, Routines<T>::syevd, a, w, info);
+    syevd<T>(a, w, info);
   }
 }
 

@@ -1,6 +1,8 @@
 """Quick check of the loss: MoLo forward+backward on generated CLIP-like
 features (SPEC 5: decaying text spectrum, shared mean direction, correlated images), per
-backend, printing the loss, the chosen m and the median time per step."""
+backend, printing the loss, the chosen m and the median time per step. ``--graph``: the
+step captured once in a CUDA graph and replayed on each new batch (the triton backend's
+HiDe is capturable; a capture that fails ends the process)."""
 import argparse
 import time
 
@@ -24,7 +26,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--backend", action="append", help="repeatable; default: all available")
+    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays of the step")
     a = p.parse_args(argv)
+    if a.graph and not a.device.startswith("cuda"):
+        p.error(f"--graph needs a CUDA device, got --device {a.device}")
     dtype = getattr(torch, a.dtype)
     names = a.backend or himo_fast.available_backends(a.device)
     scale = torch.tensor(100.0, device=a.device, requires_grad=True)
@@ -33,7 +38,9 @@ def main(argv=None):
         loss = himo_fast.MoLo(tau=a.tau, backend=name)
         times = []
         g = torch.Generator().manual_seed(0)  # the same batches for every backend
-        for _ in range(a.steps + 1):
+        if a.graph:
+            out, u, times = _graph_steps(loss, a, dtype, scale, g)
+        for _ in range(0 if a.graph else a.steps + 1):
             v, u = clip_like_features(a.n, a.d, a.device, dtype, g)
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -45,9 +52,42 @@ def main(argv=None):
             times.append(time.perf_counter() - t0)
         med = sorted(times[1:])[len(times[1:]) // 2]  # first step is warm-up
         m = int(hide_components(u, a.tau))
-        print(f"{name:>10}: global={out['contrastive_loss'].item():.4f} "
+        print(f"{name + (' (graph)' if a.graph else ''):>10}: global={out['contrastive_loss'].item():.4f} "
               f"component={out['component_loss'].item():.4f} m={m} "
               f"time/step={med * 1e3:.1f} ms")
+
+
+def _graph_steps(loss, a, dtype, scale, g):
+    """The step captured once on static inputs, then per batch: copy in, replay."""
+    v, u = clip_like_features(a.n, a.d, a.device, dtype, g)
+
+    def step():
+        for t in (v, u, scale):
+            t.grad = None
+        out = loss(v, u, scale, output_dict=True)
+        sum(out.values()).backward()
+        return out
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compiles, workspaces)
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    times = []
+    for _ in range(a.steps + 1):
+        new_v, new_u = clip_like_features(a.n, a.d, a.device, dtype, g)
+        with torch.no_grad():
+            v.copy_(new_v)
+            u.copy_(new_u)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, u, times
 
 
 if __name__ == "__main__":

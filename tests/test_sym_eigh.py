@@ -17,7 +17,7 @@ def _psd(k, dtype, device="cpu", rank=None):
     return (x.T @ x).to(device, dtype)
 
 
-ALGORITHMS = ["syevd", "syevj", "syev_batched"]
+ALGORITHMS = ["syevd", "syev_batched"]
 
 
 def _check(a, algorithm="syevd"):
@@ -36,13 +36,13 @@ def _check(a, algorithm="syevd"):
 def test_cpu_matches_torch_eigh(dtype, k):
     _check(_psd(k, dtype))
     _check(_psd(k, dtype, rank=2))  # rank-deficient: repeated zero eigenvalues
-    _check(_psd(k, dtype), "syevj")  # the CPU twin is LAPACK whatever the algorithm
+    _check(_psd(k, dtype), "syev_batched")  # the CPU twin is LAPACK whatever the algorithm
 
 
 def test_opcheck():
     assert pca.SYM_EIGH_REGISTERED
     torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(5, torch.float64),))
-    torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(4, torch.float32), "syevj"))
+    torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(4, torch.float32), "syev_batched"))
 
 
 def test_bad_input():
@@ -50,7 +50,7 @@ def test_bad_input():
         torch.ops.himo_fast.sym_eigh(torch.randn(3, 4))
     with pytest.raises(TypeError, match="float32 or float64, got Half"):
         torch.ops.himo_fast.sym_eigh(torch.randn(3, 3).half())
-    with pytest.raises(ValueError, match="algorithm must be 'syevd', 'syevj' or 'syev_batched', got 'qr'"):
+    with pytest.raises(ValueError, match="algorithm must be 'syevd' or 'syev_batched', got 'qr'"):
         torch.ops.himo_fast.sym_eigh(torch.eye(3), "qr")
 
 
@@ -107,6 +107,7 @@ assert ((w_g - w).norm() / w.norm()).item() <= 1e-6
 # Measured on an H100 (benchmarks/results/20261122T221211Z-NVIDIA_H100_80GB_HBM3.txt):
 # syevd returns CUSOLVER_STATUS_INTERNAL_ERROR (7) inside a capture; it is not capturable.
 # strict: a cuSOLVER that captures turns this into a failure that asks to drop the mark.
+# (HiDe's triton backend switches solver while capturing: kernels/eigh.py.)
 @pytest.mark.xfail(reason="cuSOLVER syevd cannot be captured in a CUDA graph", strict=True)
 def test_cuda_kernel_in_a_graph_capture(cuda):
     assert_ran(run_fresh(CAPTURE))
