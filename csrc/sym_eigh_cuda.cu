@@ -3,7 +3,7 @@
 // HiDe does not need it: a failed decomposition can only come from non-finite input, which
 // already makes the loss NaN through the reconstruction product. syevd passed torch's
 // sync-debug mode on an H100 but cannot be captured in a CUDA graph; XsyevBatched captured
-// at n = 128 and not at 768 (benchmarks/eigh_probe.py; capture uses kernels/eigh.py).
+// up to n = 512 and not at 768 (benchmarks/eigh_probe.py; capture uses kernels/eigh.py).
 // syevj was measured too and dropped: slower (29 ms at 768), 3e-4 eigenvalue error with its
 // default parameters, not capturable.
 #include <c10/cuda/CUDAException.h>
@@ -42,16 +42,16 @@ cusolverDnHandle_t handle_for(int device) {
 
 // cuSOLVER's syevd per precision (S: float, D: double).
 template <typename T>
-struct Routines;
+struct Syevd;
 template <>
-struct Routines<float> {
-  static constexpr auto syevd_size = cusolverDnSsyevd_bufferSize;
-  static constexpr auto syevd = cusolverDnSsyevd;
+struct Syevd<float> {
+  static constexpr auto size = cusolverDnSsyevd_bufferSize;
+  static constexpr auto run = cusolverDnSsyevd;
 };
 template <>
-struct Routines<double> {
-  static constexpr auto syevd_size = cusolverDnDsyevd_bufferSize;
-  static constexpr auto syevd = cusolverDnDsyevd;
+struct Syevd<double> {
+  static constexpr auto size = cusolverDnDsyevd_bufferSize;
+  static constexpr auto run = cusolverDnDsyevd;
 };
 
 // syevd: workspace query, workspace, decomposition.
@@ -61,11 +61,11 @@ void syevd(at::Tensor& a, at::Tensor& w, at::Tensor& info) {
   cusolverDnHandle_t h = handle_for(a.get_device());
   int lwork = 0;
   // Symmetric input: its row-major buffer is its column-major one.
-  check(Routines<T>::syevd_size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+  check(Syevd<T>::size(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
                                 a.data_ptr<T>(), n, w.data_ptr<T>(), &lwork),
         "syevd_bufferSize");
   at::Tensor work = at::empty({std::max(lwork, 1)}, a.options());
-  check(Routines<T>::syevd(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
+  check(Syevd<T>::run(h, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
                            a.data_ptr<T>(), n, w.data_ptr<T>(), work.data_ptr<T>(), lwork,
                            info.data_ptr<int>()),
         "syevd");

@@ -36,25 +36,31 @@ def main(argv=None):
     print(f"N={a.n} d={a.d} tau={a.tau} device={a.device} dtype={a.dtype}")
     for name in names:
         loss = himo_fast.MoLo(tau=a.tau, backend=name)
-        times = []
         g = torch.Generator().manual_seed(0)  # the same batches for every backend
-        if a.graph:
-            out, u, times = _graph_steps(loss, a, dtype, scale, g)
-        for _ in range(0 if a.graph else a.steps + 1):
-            v, u = clip_like_features(a.n, a.d, a.device, dtype, g)
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = loss(v, u, scale, output_dict=True)
-            sum(out.values()).backward()
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        steps = _graph_steps if a.graph else _eager_steps
+        out, u, times = steps(loss, a, dtype, scale, g)
         med = sorted(times[1:])[len(times[1:]) // 2]  # first step is warm-up
         m = int(hide_components(u, a.tau))
         print(f"{name + (' (graph)' if a.graph else ''):>10}: global={out['contrastive_loss'].item():.4f} "
               f"component={out['component_loss'].item():.4f} m={m} "
               f"time/step={med * 1e3:.1f} ms")
+
+
+def _eager_steps(loss, a, dtype, scale, g):
+    """Per batch: forward+backward, timed with the device synchronised around it."""
+    cuda = a.device.startswith("cuda")
+    times = []
+    for _ in range(a.steps + 1):
+        v, u = clip_like_features(a.n, a.d, a.device, dtype, g)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = loss(v, u, scale, output_dict=True)
+        sum(out.values()).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, u, times
 
 
 def _graph_steps(loss, a, dtype, scale, g):

@@ -101,13 +101,14 @@ SYM_EIGH_REGISTERED = _register_sym_eigh()
 SYM_EIGH_ON_CUDA = SYM_EIGH_REGISTERED and _extension.extension().built_with_cusolver()
 
 
-def device_eigh(a: torch.Tensor):
+def device_eigh(a: torch.Tensor, algorithm: str = "syevd"):
     """(eigenvalues ascending, eigenvectors) like torch.linalg.eigh, but without its host
     read of the solver's info flag (a sync on a GPU) where himo_fast._C has cuSOLVER's
-    kernel; torch.linalg.eigh elsewhere. A failure can only come from non-finite input,
-    which makes the loss NaN through the reconstruction anyway."""
+    kernel (``algorithm``: its routine, "syevd" or "syev_batched"); torch.linalg.eigh
+    elsewhere. A failure can only come from non-finite input, which makes the loss NaN
+    through the reconstruction anyway."""
     if a.is_cuda and SYM_EIGH_ON_CUDA:
-        w, v, _ = torch.ops.himo_fast.sym_eigh(a)
+        w, v, _ = torch.ops.himo_fast.sym_eigh(a, algorithm)
         return w, v
     return torch.linalg.eigh(a)
 

@@ -185,7 +185,7 @@ def _prepare_for_capture(device: torch.device) -> None:
     a = torch.eye(2, device=device)
     jacobi_eigh(a, sweeps=1)
     if SYM_EIGH_ON_CUDA:
-        torch.ops.himo_fast.sym_eigh(a, "syev_batched")
+        device_eigh(a, "syev_batched")
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,8 +204,7 @@ def eigh(a: torch.Tensor):
     if a.is_cuda:
         if torch.cuda.is_current_stream_capturing():
             if SYM_EIGH_ON_CUDA and a.shape[0] <= SYEV_BATCHED_CAPTURE_MAX:
-                w, v, _ = torch.ops.himo_fast.sym_eigh(a, "syev_batched")
-                return w, v
+                return device_eigh(a, "syev_batched")
             _warn_slow_capture(a.shape[0])
             return jacobi_eigh(a)
         _prepare_for_capture(a.device)
