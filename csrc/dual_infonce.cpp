@@ -298,14 +298,19 @@ struct LabelDots {
 LabelDots label_dots(const at::Tensor& a, const at::Tensor& b, int64_t offset, double eps) {
   const at::Tensor a32 = a.to(acc_type(a)), b32 = b.to(acc_type(a));
   LabelDots out{(a32 * b32.narrow(0, offset, a.size(0))).sum(1), at::Tensor()};
-  if (eps != 0.0) out.mean = at::mv(a32, b32.mean(0));
+  // The same reduction as the label's: with one column the two are then equal to the bit
+  // (mean(b) = b), and the smoothed term of a single pair is exactly zero.
+  if (eps != 0.0) out.mean = (a32 * b32.mean(0, /*keepdim=*/true)).sum(1);
   return out;
 }
 
-// ce - nll = x_label - sum_j y_j x_j = s·ε·(label - mean).
+// ce - nll = x_label - sum_j y_j x_j = s·ε·(label - mean). A cross entropy is never
+// negative, but its label logit comes from a dot product rounded apart from the GEMM's
+// (≈ 1e-5 at s = 100 in fp32): a solved row, one pair say, could come out slightly below
+// zero. Clamped (clamp_min keeps a NaN a NaN); the backward does not depend on it.
 at::Tensor smoothed(const at::Tensor& nll, const LabelDots& t, const at::Tensor& s, double eps) {
-  if (eps == 0.0) return nll;
-  return nll + (t.label - t.mean) * s * eps;
+  if (eps == 0.0) return at::clamp_min(nll, 0.0);
+  return at::clamp_min(nll + (t.label - t.mean) * s * eps, 0.0);
 }
 
 // ---------------------------------------------------------------- checks

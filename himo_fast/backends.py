@@ -84,6 +84,11 @@ def _dual_infonce_compiled_or_reference(*args, **kwargs):
     return reference.dual_infonce_reference(*args, **kwargs)
 
 
+def _hide_factors_masked(u, tau):
+    # The fused first-order HiDe over the fixed-size masked basis: no host sync.
+    return hide_factors(u, tau, sliced=False)
+
+
 def _hide_factors_cpu(u, tau):
     # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
     # component branch then has width m+1). Under torch.compile the fixed-size masked
@@ -97,7 +102,7 @@ register(Backend("reference", reference.hide_factors_reference, reference.dual_i
 # Compiled dual InfoNCE (csrc/): the C++ tile algorithm on CPU, its CUDA twin on GPUs.
 register(Backend("cpu", _hide_factors_cpu, dual_infonce.dual_infonce,
                  _only_on("cpu", need_cuda=False)))
-register(Backend("cuda", reference.hide_factors_reference, dual_infonce.dual_infonce,
+register(Backend("cuda", _hide_factors_masked, dual_infonce.dual_infonce,
                  _only_on("cuda", need_cuda=True)))
 # Triton HiDe kernels (kernels/): centring, Gram/covariance, the factor products.
 register(Backend("triton", _hide_factors_triton, _dual_infonce_compiled_or_reference,
@@ -114,9 +119,18 @@ def known_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def _no_device(kind: str) -> str | None:
+    """Why nothing at all can run on this device type here (None when something can)."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
 def available_backends(device) -> list[str]:
     """Names of the backends that can run on ``device`` (a device, string or tensor)."""
     kind = _device_type(device)
+    if _no_device(kind) is not None:
+        return []
     return [name for name, b in _REGISTRY.items() if b.unavailable(kind) is None]
 
 
@@ -140,7 +154,7 @@ def select(backend: str, device) -> Backend:
         source = "backend"
     if backend not in _REGISTRY:
         raise ValueError(f"{source} must be 'auto' or one of {known_backends()}, got {backend!r}")
-    why = _REGISTRY[backend].unavailable(kind)
+    why = _no_device(kind) or _REGISTRY[backend].unavailable(kind)
     if why is not None:
         raise ValueError(f"{source}={backend!r} cannot run on {kind} tensors: {why}")
     return _REGISTRY[backend]

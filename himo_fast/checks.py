@@ -87,8 +87,14 @@ def check_features(name, t, *, like=None):
 
 
 def check_scalar_tensor(name, t, features):
+    """The scale or bias as a tensor: a tensor as given (0-d or one element, on the
+    features' device), or a Python real number, as open_clip's ClipLoss accepts."""
+    if isinstance(t, numbers.Real) and not isinstance(t, bool):
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        return torch.tensor(float(t), dtype=dtype, device=features.device)
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (0-d or 1 element), got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (0-d or 1 element) or a real number, "
+                        f"got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if t.numel() != 1 or t.dim() > 1:

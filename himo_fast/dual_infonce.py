@@ -61,6 +61,13 @@ def _register() -> bool:
         ctx.options = inputs[9:]  # label_offset, label_smoothing, strip_rows when given
 
     def backward(ctx, grad_ce, grad_nll, _grad_logits):
+        if torch.is_grad_enabled():
+            # dual_ce_backward has no derivative of its own: autograd would treat the
+            # gradient as a constant and return a silently wrong second order.
+            raise RuntimeError(
+                "himo_fast: the compiled dual InfoNCE (backends 'cpu', 'cuda', 'triton') has "
+                "no double backward (create_graph=True); use MoLo(backend='reference'), "
+                "whose gradients are differentiable to any order")
         *features, scale, nll, logits = ctx.saved_tensors
         ready = lambda g: g.contiguous() if g is not None else torch.zeros_like(nll)
         grads = torch.ops.himo_fast.dual_ce_backward(ready(grad_ce), ready(grad_nll), nll, logits,

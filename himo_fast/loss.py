@@ -1,12 +1,14 @@
 """The public loss: ``MoLo`` (a drop-in for open_clip's ClipLoss) and ``hide``."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
 from . import backends
 from .checks import check_config, check_features, check_scalar_tensor, check_tau
-from .distributed import gather, with_local_slice
+from .distributed import check_ranks, gather, with_local_slice
 from .reconstruct import component_image, component_text, factored_is_cheaper, materialize
 
 
@@ -23,7 +25,10 @@ def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -
 
 def _no_autocast(t: torch.Tensor):
     # open_clip trains under autocast; the loss runs in (at least) float32 regardless:
-    # a half-precision PCA or log-sum-exp would not meet SPEC section 4.
+    # a half-precision PCA or log-sum-exp would not meet SPEC section 4. (Meta tensors,
+    # for shape propagation, have no autocast to turn off.)
+    if t.device.type == "meta":
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
@@ -58,10 +63,14 @@ class MoLo(nn.Module):
                 output_dict=False):
         check_features("image_features", image_features)
         check_features("text_features", text_features, like=(image_features, "image_features"))
-        check_scalar_tensor("logit_scale", logit_scale, image_features)
+        logit_scale = check_scalar_tensor("logit_scale", logit_scale, image_features)
         if logit_bias is not None:
-            check_scalar_tensor("logit_bias", logit_bias, image_features)
+            logit_bias = check_scalar_tensor("logit_bias", logit_bias, image_features)
         impl = backends.select(self.backend, image_features)
+        if self.world_size > 1 and not torch.compiler.is_compiling():
+            check_ranks(rank=self.rank, world_size=self.world_size, features=image_features,
+                        config=(self.tau, self.lam, self.label_smoothing, self.local_loss,
+                                self.gather_with_grad, self.pca_scope))
         with _no_autocast(image_features):
             return self._loss(impl, image_features, text_features, logit_scale, logit_bias,
                               output_dict)
@@ -110,8 +119,10 @@ class MoLo(nn.Module):
         glob, comp_loss = impl.dual_infonce(*rows, *cols, logit_scale, offset, self.label_smoothing)
         if logit_bias is not None:
             # Softmax cross entropy is invariant to a constant added to every logit: the
-            # bias changes neither value nor gradient (exactly zero), as in ClipLoss.
-            glob = glob + 0.0 * logit_bias.reshape(()).to(glob.dtype)
+            # bias changes neither value nor gradient (exactly zero), as in ClipLoss; a NaN
+            # (or infinite) bias still makes every returned loss NaN.
+            zero = 0.0 * logit_bias.reshape(()).to(glob.dtype)
+            glob, comp_loss = glob + zero, comp_loss + zero
         comp_loss = self.lam * comp_loss
         if output_dict:
             return {"contrastive_loss": glob, "component_loss": comp_loss}

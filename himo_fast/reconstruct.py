@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .pca import (Complement, Subspace, Split, centring_backward, compute_dtype, factor,
+from .pca import (Complement, Subspace, Split, centring_backward, compute_dtype,
+                  differentiable_subspace, factor,
                   factor_backward, gram_or_cov, principal_subspace, split)
 
 
@@ -73,6 +74,13 @@ class _HiDeFactors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, grad_b, grad_mean):
         x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, matrix = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: this fused backward is exact for consumers of Z Bᵀ, but
+            # not itself differentiable; autograd would differentiate it as a constant.
+            raise RuntimeError(
+                "himo_fast: HiDe's fused backward (backends 'cpu', 'cuda', 'triton') has no "
+                "double backward (create_graph=True); use backend='reference', whose "
+                "gradients are differentiable to any order")
         sub = Subspace(None, eigvals, None, None, ctx.gram)
         comp = Complement(matrix, ctx.ratio) if ctx.ratio is not None else None
         parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None, comp)
@@ -81,6 +89,18 @@ class _HiDeFactors(torch.autograd.Function):
         grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
         grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
         return centring_backward(grad_x, grad_mean), None, None, None, None
+
+
+def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
+    """HiDe's masked factors as a composition of differentiable torch ops (the reference
+    backend): autograd takes its gradient to any order (double backward, gradgradcheck),
+    through pca.differentiable_subspace. First order, it equals the fused path's exact
+    subspace gradient; it costs O(k³) more in the backward (k = min(N, d))."""
+    u = text_features.to(compute_dtype(text_features.dtype))
+    mean, x = _centre(u)
+    sub = differentiable_subspace(x, tau)
+    z, b = factor(x, sub, split(sub, sliced=False))
+    return Factors(z, b, mean)
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,

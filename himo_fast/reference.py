@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .pca import compute_dtype, principal_subspace
-from .reconstruct import Factors, hide_factors, materialize
+from .reconstruct import Factors, hide_factors_differentiable, materialize
 
 
 def hide_reference(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
@@ -21,8 +21,9 @@ def hide_reference(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tenso
 
 
 def hide_factors_reference(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
-    """HiDe's factors over the full, masked basis: no host synchronisation."""
-    return hide_factors(text_features, tau, sliced=False)
+    """HiDe's factors over the full, masked basis (no host synchronisation), as plain
+    differentiable torch ops: gradients of any order."""
+    return hide_factors_differentiable(text_features, tau)
 
 
 def hide_components(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:

@@ -39,7 +39,8 @@ def test_bad_constructor_arguments(kwargs, exc, needle):
     (dict(image_features=torch.randint(0, 3, (4, 8))), TypeError, "image_features"),
     (dict(image_features=[[0.0] * 8] * 4), TypeError, "image_features"),
     (dict(logit_scale=torch.ones(2)), ValueError, "logit_scale"),
-    (dict(logit_scale=10.0), TypeError, "logit_scale"),
+    (dict(logit_scale="10"), TypeError, "logit_scale"),
+    (dict(logit_scale=True), TypeError, "logit_scale"),
     (dict(logit_scale=torch.tensor(10)), TypeError, "logit_scale"),
     (dict(logit_bias=torch.zeros(3)), ValueError, "logit_bias"),
     (dict(image_features=torch.randn(0, 8), text_features=torch.randn(0, 8)), ValueError, "non-empty"),
@@ -61,7 +62,13 @@ def test_hide_bad_arguments():
 def test_available_backends_and_selection(monkeypatch):
     cpu = himo_fast.available_backends("cpu")
     assert cpu[0] == "reference" or "reference" in cpu
-    assert "reference" in himo_fast.available_backends(torch.device("cuda"))
+    on_cuda = himo_fast.available_backends(torch.device("cuda"))
+    if torch.cuda.is_available():
+        assert "reference" in on_cuda
+    else:  # only what can run there: nothing, without a GPU
+        assert on_cuda == []
+        with pytest.raises(ValueError, match="no CUDA device"):
+            backends.select("reference", "cuda")
     assert "cuda" not in cpu
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert backends.select("auto", "cpu").name == "reference"
@@ -130,3 +137,47 @@ def test_autocast_region_does_not_lower_precision(backend):
     assert auto.dtype == torch.float32 and hidden.dtype == torch.float32
     assert loss_rel(auto, plain) <= 1e-6
     assert rel(hidden, himo_fast.hide(u, 0.9, backend=backend)) <= 1e-6
+
+
+def test_python_float_logit_scale_and_bias_like_clip_loss():
+    v, u = pairs(8, 12, torch.float32, requires_grad=False)
+    loss = himo_fast.MoLo(label_smoothing=0.0)
+    as_tensor = loss(v, u, torch.tensor(10.0), torch.tensor(-2.0), output_dict=True)
+    as_float = loss(v, u, 10.0, -2.0, output_dict=True)
+    assert as_float == as_tensor
+    clip = ClipLoss()(v, u, 10.0)
+    assert loss_rel(as_float["contrastive_loss"], clip) <= 1e-6
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_non_finite_logit_bias_makes_every_loss_nan(backend, bad):
+    v, u = pairs(8, 12, torch.float32, requires_grad=False)
+    out = himo_fast.MoLo(backend=backend)(v, u, 10.0, torch.tensor(bad), output_dict=True)
+    assert all(torch.isnan(x) for x in out.values()), out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_one_pair_loss_is_zero_never_negative(backend, eps):
+    """One pair: the exact loss is 0. The reference gives 0; the compiled kernels round
+    the label logit apart from the GEMM's, so they may give a few ulp(s) above, never below."""
+    for seed in range(8):
+        v, u = pairs(1, 768, torch.float32, seed=seed, requires_grad=False)
+        out = himo_fast.MoLo(label_smoothing=eps, backend=backend)(v, u, 100.0, output_dict=True)
+        values = [float(x) for x in out.values()]
+        if backend == "reference":
+            assert values == [0.0, 0.0], (seed, out)
+        assert all(0.0 <= x <= 1e-3 for x in values), (seed, out)
+
+
+def test_meta_tensors_propagate_shapes():
+    """Meta tensors (FSDP / meta-init): forward and backward give shapes, no data."""
+    assert himo_fast.available_backends("meta") == ["reference"]
+    v, u = (torch.empty(6, 16, device="meta", requires_grad=True) for _ in range(2))
+    s = torch.empty((), device="meta", requires_grad=True)
+    out = himo_fast.MoLo()(v, u, s, output_dict=True)
+    assert all(x.device.type == "meta" and x.shape == () for x in out.values())
+    sum(out.values()).backward()
+    assert v.grad.shape == v.shape and u.grad.shape == u.shape and s.grad.shape == ()
+    assert himo_fast.hide(u).shape == u.shape

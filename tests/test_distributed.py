@@ -92,3 +92,71 @@ def test_two_process_gloo_modes():
     backends = [b for b in ("reference", "cpu") if b in himo_fast.available_backends("cpu")]
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
+
+
+def _misconfigured_worker(rank, init_file, case, results):
+    """One rank of a misconfigured run: reports the error it raised (or 'ok')."""
+    import datetime
+    import himo_fast
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    b = B if (case != "uneven" or rank == 0) else B // 2
+    v = torch.nn.functional.normalize(torch.randn(b, D, dtype=torch.float64), dim=-1)
+    u = torch.nn.functional.normalize(torch.randn(b, D, dtype=torch.float64), dim=-1)
+    tau = 0.9 if (case != "tau" or rank == 0) else 0.8
+    try:
+        himo_fast.MoLo(tau=tau, local_loss=True, rank=rank, world_size=WORLD)(v, u, 9.0)
+        results.put((rank, "ok"))
+    except ValueError as exc:
+        results.put((rank, str(exc)))
+    dist.destroy_process_group()
+
+
+def _run_ranks(target, *args, nprocs=WORLD, timeout=120):
+    """Run ``target(rank, init_file, *args, results)`` in nprocs processes; never hangs."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target, args=(r, os.path.join(tmp, "init"), *args, results))
+                 for r in range(nprocs)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.terminate()
+        assert not alive, f"{len(alive)} rank(s) hung"
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return dict(results.get(timeout=5) for _ in range(nprocs))
+
+
+@pytest.mark.parametrize("case,needle", [("uneven", "batch sizes differ across ranks: [6, 3]"),
+                                         ("tau", "configurations differ")])
+def test_misconfigured_ranks_raise_on_every_rank(case, needle):
+    out = _run_ranks(_misconfigured_worker, case)
+    assert all(needle in msg for msg in out.values()), out
+
+
+def _single_rank_worker(rank, init_file, results):
+    import himo_fast
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    v = torch.nn.functional.normalize(torch.randn(4, D, dtype=torch.float64), dim=-1)
+    try:
+        himo_fast.MoLo(world_size=2, gather_with_grad=True)(v, v.clone(), 9.0)
+        results.put((rank, "ok"))
+    except ValueError as exc:
+        results.put((rank, str(exc)))
+    dist.destroy_process_group()
+
+
+def test_world_size_disagreeing_with_the_group_raises():
+    out = _run_ranks(_single_rank_worker, nprocs=1)
+    assert "disagree with the process group (rank 0 of 1)" in out[0], out
+
+
+def test_world_size_without_a_process_group_raises():
+    import himo_fast
+    v = torch.nn.functional.normalize(torch.randn(4, D, dtype=torch.float64), dim=-1)
+    with pytest.raises(ValueError, match="no torch.distributed process group"):
+        himo_fast.MoLo(world_size=2)(v, v.clone(), 9.0)
