@@ -127,18 +127,17 @@ def extension():
                extra_link_args=link, include_dirs=include_dirs)
 
 
-def write_build_info(cuda):
+def write_build_info():
     (ROOT / "himo_fast" / "_build_info.py").write_text(
         '"""Written by setup.py: what himo_fast._C was compiled against."""\n'
-        f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"CUDA_KERNELS = {cuda!r}\n")
+        f"TORCH_VERSION = {torch.__version__!r}\n")
 
 
 ext = extension()
-write_build_info(isinstance(ext.sources, list) and any(s.endswith(".cu") for s in ext.sources))
+write_build_info()
 setup(
-    packages=["himo_fast", "himo_fast.kernels"],
-    package_dir={"himo_fast": "himo_fast", "himo_fast.kernels": "kernels"},
+    packages=["himo_fast", "himo_fast.train", "himo_fast.kernels"],
+    package_dir={"himo_fast": "himo_fast", "himo_fast.train": "himo_fast/train", "himo_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

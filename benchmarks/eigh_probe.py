@@ -23,7 +23,7 @@ import sys
 import torch
 
 import himo_fast  # noqa: F401  (registers himo_fast::sym_eigh)
-from himo_fast import pca
+from himo_fast import ops
 
 CANDIDATES = ["torch.linalg.eigh", "syevd", "syev_batched", "jacobi"]
 
@@ -142,7 +142,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 torch=torch.__version__, cuda=torch.version.cuda,
-                sym_eigh_on_cuda=device == "cuda" and pca.SYM_EIGH_ON_CUDA)
+                sym_eigh_on_cuda=device == "cuda" and ops.SYM_EIGH_ON_CUDA)
     rows = probe(a.sizes, device, repeats=a.repeats)
     print(json.dumps(info))
     print(f"{'solver':>18} {'k':>5} {'ms':>8} {'graph ms':>8} {'eig err':>9} {'residual':>9} "

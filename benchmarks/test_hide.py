@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import himo_fast
-from himo_fast.reconstruct import hide_factors, materialize
+from himo_fast.factors import hide_factors, materialize
 from himo_fast.synthetic import clip_like_pairs
 from official import official_hide
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import himo_fast
 from himo_fast import backends
-from himo_fast.reconstruct import materialize
+from himo_fast.factors import materialize
 from himo_fast.synthetic import clip_like_pairs
 from official import official_hide, official_loss
 
@@ -60,7 +60,7 @@ def _himo(B, N, tau=0.9, eps=0.1):
         all_v = torch.cat([v[: N - B], vl])
         all_u = torch.cat([u[: N - B], ul])
         all_c = torch.cat([others, comp])
-        g, c = impl.dual_infonce(vl, ul, vl, comp, all_v, all_u, all_v, all_c, s, N - B, eps)
+        g, c = impl.dual_infonce(((vl, ul), (vl, comp)), ((all_v, all_u), (all_v, all_c)), s, N - B, eps)
         return g + c
     return step
 

@@ -14,15 +14,10 @@
 namespace himo {
 namespace {
 
-// Elements of one strip of logits: bounds the workspace whatever N is (4 MiB in fp32 on
-// the CPU; 128 MiB on a GPU, where launches over a too-thin strip would starve the chip).
+// Elements of one strip of logits on the CPU: bounds the workspace whatever N is (4 MiB in
+// fp32). Whether the forward keeps all its logits for the backward is the caller's choice
+// (himo_fast/backends.py: on the CPU when they fit in 8 MiB).
 constexpr int64_t kCpuStripElements = int64_t(1) << 20;
-constexpr int64_t kCudaStripElements = int64_t(1) << 25;
-// Logits the forward may keep for the backward when all of them fit (8 MiB in fp32 on
-// the CPU: N=1024 square, or 128 rows against 1024 columns): the backward then skips the
-// recompute GEMM, a quarter of its work. A constant, so memory stays O(N·d). Not on GPUs
-// (there the recompute is cheap against the memory, and the path is untested on one).
-constexpr int64_t kCpuLogitsElements = int64_t(1) << 21;
 
 // ---------------------------------------------------------------- CPU kernels
 //
@@ -191,42 +186,28 @@ void cpu_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, co
 
 // ---------------------------------------------------------------- driver
 
-const StripKernels& kernels_for(const at::Tensor& t) {
-#ifdef HIMO_WITH_CUDA
-  if (t.is_cuda()) return cuda_kernels();
-#endif
-  TORCH_CHECK_VALUE(t.is_cpu(), "himo_fast dual_ce: no kernels for device ", t.device(),
-                    " in this build");
-  return cpu_kernels();
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // a @ bᵀ with the product in the accumulation dtype (fp32 from bf16/fp16 tensor cores).
-at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b_t) {
-  const at::ScalarType acc = acc_type(a);
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b_t, at::ScalarType acc) {
   if (a.scalar_type() == acc) return at::mm(a, b_t);
   return at::mm(a, b_t, acc);
 }
 
-int64_t strip_rows(const at::Tensor& t, int64_t rows, int64_t cols, int64_t requested) {
+int64_t strip_rows(const Device& dev, int64_t rows, int64_t cols, int64_t requested) {
   if (requested > 0) return std::min(rows, requested);
-  const int64_t budget = t.is_cpu() ? kCpuStripElements : kCudaStripElements;
-  return std::max<int64_t>(1, std::min(rows, budget / std::max<int64_t>(cols, 1)));
+  return std::max<int64_t>(1, std::min(rows, dev.strip_elements / std::max<int64_t>(cols, 1)));
 }
 
 // Row nll = logsumexp - ref of s·R·Cᵀ and, when asked, the same for every column (the
 // square case: the transposed matrix's rows come from the same strips).
 // keep: defined (B x N) to keep the logits' dot products for the backward.
-void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
-                 const at::Tensor& ref_rows, at::Tensor nll_rows, const at::Tensor& ref_cols,
-                 at::Tensor* nll_cols, int64_t requested_rows, const at::Tensor& keep) {
-  const StripKernels& k = kernels_for(R);
+void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
+                 const at::Tensor& scale, const at::Tensor& ref_rows, at::Tensor nll_rows,
+                 const at::Tensor& ref_cols, at::Tensor* nll_cols, int64_t requested_rows,
+                 const at::Tensor& keep) {
+  const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
-  const int64_t step = strip_rows(R, B, N, requested_rows);
-  const auto acc = acc_type(R);
+  const int64_t step = strip_rows(dev, B, N, requested_rows);
+  const auto acc = scale.scalar_type();
   at::Tensor col_max, col_sum;
   if (nll_cols != nullptr) {
     col_max = at::full({N}, -std::numeric_limits<double>::infinity(), R.options().dtype(acc));
@@ -238,9 +219,9 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sca
     at::Tensor dots;
     if (keep.defined()) {
       dots = keep.narrow(0, r0, rn);
-      at::mm_out(dots, R.narrow(0, r0, rn), Ct);  // fp32/fp64 only: CPU inputs
+      at::mm_out(dots, R.narrow(0, r0, rn), Ct);  // inputs in the accumulation dtype
     } else {
-      dots = mm_acc(R.narrow(0, r0, rn), Ct);
+      dots = mm_acc(R.narrow(0, r0, rn), Ct, acc);
     }
     at::Tensor out = nll_rows.narrow(0, r0, rn);
     k.row_nll(dots, scale, ref_rows.narrow(0, r0, rn), out);
@@ -253,14 +234,14 @@ void job_forward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sca
 // over the rows (and the columns when cols is defined), recomputing each strip of logits
 // (or copying it from `kept`, the forward's, when defined). dR is overwritten, dC
 // accumulated into.
-void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
-                  const Side& rows, const Side& cols, int64_t label_offset, at::Tensor& dR,
-                  at::Tensor& dC, at::Tensor& dscale, int64_t requested_rows,
-                  const at::Tensor& kept) {
-  const StripKernels& k = kernels_for(R);
+void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
+                  const at::Tensor& scale, const Side& rows, const Side& cols,
+                  int64_t label_offset, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
+                  int64_t requested_rows, const at::Tensor& kept) {
+  const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
-  const int64_t step = strip_rows(R, B, N, requested_rows);
-  const auto acc = acc_type(R);
+  const int64_t step = strip_rows(dev, B, N, requested_rows);
+  const auto acc = scale.scalar_type();
   const bool low_precision = R.scalar_type() != acc;
   const at::Tensor Ct = C.t();
   at::Tensor ds_rows = at::empty({step}, R.options().dtype(acc));
@@ -269,7 +250,7 @@ void job_backward(const at::Tensor& R, const at::Tensor& C, const at::Tensor& sc
     const at::Tensor Rb = R.narrow(0, r0, rn);
     // A copy of the kept strip: ce_grad works in place, and the saved logits must survive
     // for a second backward (retain_graph).
-    at::Tensor w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct);
+    at::Tensor w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct, acc);
     at::Tensor ds = ds_rows.narrow(0, 0, rn);
     k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
     dscale.add_(ds.sum());
@@ -295,8 +276,9 @@ struct LabelDots {
   at::Tensor label, mean;
 };
 
-LabelDots label_dots(const at::Tensor& a, const at::Tensor& b, int64_t offset, double eps) {
-  const at::Tensor a32 = a.to(acc_type(a)), b32 = b.to(acc_type(a));
+LabelDots label_dots(const at::Tensor& a, const at::Tensor& b, int64_t offset, double eps,
+                     at::ScalarType acc) {
+  const at::Tensor a32 = a.to(acc), b32 = b.to(acc);
   LabelDots out{(a32 * b32.narrow(0, offset, a.size(0))).sum(1), at::Tensor()};
   // The same reduction as the label's: with one column the two are then equal to the bit
   // (mean(b) = b), and the smoothed term of a single pair is exactly zero.
@@ -340,69 +322,56 @@ struct Branch {
 struct Inputs {
   Branch global, comp;
   int64_t B, N;
+  at::ScalarType acc;  // the scale's dtype
 };
 
-Inputs check_inputs(const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
-                    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-                    const c10::optional<at::Tensor>& txt_c,
-                    const c10::optional<at::Tensor>& cimg_c,
-                    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale,
-                    int64_t label_offset, double label_smoothing) {
-  const auto dt = img_r.scalar_type();
+Branch check_branch(const char* name, at::TensorList t, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.size() == 2 || t.size() == 4, "himo_fast dual_ce: ", name,
+                    " must be [a_r, b_r] (square) or [a_r, b_r, a_c, b_c], got ", t.size(),
+                    " tensors");
+  check_features("a_r", t[0], like, "global a_r", false);
+  for (size_t i = 1; i < t.size(); ++i) check_features(name, t[i], t[0], "its a_r", true);
+  if (t.size() == 2) return {t[0], t[1], t[0], t[1], true};
+  return {t[0], t[1], t[2], t[3], false};
+}
+
+Inputs check_inputs(const Device& dev, at::TensorList global_branch, at::TensorList comp_branch,
+                    const at::Tensor& scale, int64_t label_offset, double label_smoothing) {
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0,
                     "himo_fast dual_ce: label_smoothing must be in [0, 1), got ", label_smoothing);
-  if (img_r.is_cpu()) {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble,
-                     "himo_fast dual_ce: CPU inputs must be float32 or float64, got ", dt);
-  } else {
-    TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-                     "himo_fast dual_ce: CUDA inputs must be float32, bfloat16 or float16, got ",
-                     dt);
-  }
-  // The component branch may live in its own width (HiDe's factorised form).
-  check_features("img_r", img_r, img_r, "img_r", true);
-  check_features("txt_r", txt_r, img_r, "img_r", true);
-  check_features("cimg_r", cimg_r, img_r, "img_r", false);
-  check_features("comp_r", comp_r, cimg_r, "cimg_r", true);
-  const int64_t B = img_r.size(0);
-  TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_ce: empty batch");
-  TORCH_CHECK_VALUE(txt_r.size(0) == B && cimg_r.size(0) == B && comp_r.size(0) == B,
-                    "himo_fast dual_ce: row tensors must have the same number of rows, got ",
-                    B, ", ", txt_r.size(0), ", ", cimg_r.size(0), ", ", comp_r.size(0));
+  TORCH_CHECK_VALUE(!global_branch.empty(), "himo_fast dual_ce: empty global_branch");
+  const at::Tensor& a = global_branch[0];
   TORCH_CHECK_VALUE(scale.numel() == 1 && scale.dim() <= 1,
                     "himo_fast dual_ce: scale must be 0-d or 1 element, got shape ",
                     scale.sizes());
-  TORCH_CHECK_VALUE(scale.device() == img_r.device(), "himo_fast dual_ce: scale is on ",
-                    scale.device(), " but img_r is on ", img_r.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()),
-                   "himo_fast dual_ce: scale must be floating point, got ",
-                   scale.scalar_type());
-  const int given = int(img_c.has_value()) + int(txt_c.has_value()) +
-                    int(cimg_c.has_value()) + int(comp_c.has_value());
-  TORCH_CHECK_VALUE(given == 0 || given == 4,
-                    "himo_fast dual_ce: pass all four column tensors or none (square)");
-  if (given == 0) {
-    TORCH_CHECK_VALUE(label_offset == 0, "himo_fast dual_ce: label_offset must be 0 without "
-                      "columns (square case), got ", label_offset);
-    return {{img_r, txt_r, img_r, txt_r, true}, {cimg_r, comp_r, cimg_r, comp_r, true}, B, B};
+  TORCH_CHECK_VALUE(scale.device() == a.device(), "himo_fast dual_ce: scale is on ",
+                    scale.device(), " but the features are on ", a.device());
+  const at::ScalarType acc = scale.scalar_type();
+  TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble,
+                   "himo_fast dual_ce: scale (the accumulation dtype) must be float32 or "
+                   "float64, got ", acc);
+  TORCH_CHECK_TYPE(dev.accepts(a.scalar_type(), acc), "himo_fast dual_ce: ", dev.name,
+                   " inputs must be ", dev.dtypes, ", got ", a.scalar_type(),
+                   " with a ", acc, " scale");
+  const Branch g = check_branch("global_branch", global_branch, a);
+  const Branch c = check_branch("comp_branch", comp_branch, a);
+  TORCH_CHECK_VALUE(g.square == c.square, "himo_fast dual_ce: both branches must be square "
+                    "or both have columns");
+  const int64_t B = g.a_r.size(0), N = g.a_c.size(0);
+  TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_ce: empty batch");
+  for (const at::Tensor* t : {&g.b_r, &c.a_r, &c.b_r}) {
+    TORCH_CHECK_VALUE(t->size(0) == B, "himo_fast dual_ce: row tensors must have ", B,
+                      " rows, got ", t->size(0));
   }
-  check_features("img_c", *img_c, img_r, "img_r", true);
-  check_features("txt_c", *txt_c, img_r, "img_r", true);
-  check_features("cimg_c", *cimg_c, cimg_r, "cimg_r", true);
-  check_features("comp_c", *comp_c, cimg_r, "cimg_r", true);
-  const int64_t N = img_c->size(0);
-  TORCH_CHECK_VALUE(txt_c->size(0) == N && cimg_c->size(0) == N && comp_c->size(0) == N,
-                    "himo_fast dual_ce: column tensors must have the same number of rows, got ",
-                    N, ", ", txt_c->size(0), ", ", cimg_c->size(0), ", ", comp_c->size(0));
+  for (const at::Tensor* t : {&g.b_c, &c.a_c, &c.b_c}) {
+    TORCH_CHECK_VALUE(t->size(0) == N, "himo_fast dual_ce: column tensors must have ", N,
+                      " rows, got ", t->size(0));
+  }
   TORCH_CHECK_VALUE(N >= B, "himo_fast dual_ce: ", N, " columns < ", B, " rows");
   TORCH_CHECK_VALUE(label_offset >= 0 && label_offset + B <= N, "himo_fast dual_ce: "
                     "label_offset must be in [0, ", N - B, "] for ", B, " rows and ", N,
                     " columns, got ", label_offset);
-  return {{img_r, txt_r, *img_c, *txt_c, false}, {cimg_r, comp_r, *cimg_c, *comp_c, false}, B, N};
-}
-
-at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& like) {
-  return scale.reshape({}).to(acc_type(like)).contiguous();
+  return {g, c, B, N, acc};
 }
 
 // Part i (along dim 0) of the logits the forward keeps; undefined when it keeps none
@@ -413,21 +382,22 @@ at::Tensor kept_part(const at::Tensor& kept, int64_t i) {
 
 // Forward of one branch: the cross entropies and nlls of its two directions.
 // keep: [jobs, B, N] for this branch's logits (one job square, two otherwise), or undefined.
-void branch_forward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
-                    at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab, at::Tensor nll_ba,
-                    int64_t strip, const at::Tensor& keep) {
+void branch_forward(const Device& dev, const Branch& br, const at::Tensor& s, int64_t offset,
+                    double eps, at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab,
+                    at::Tensor nll_ba, int64_t strip, const at::Tensor& keep) {
   auto job = [&](int64_t j) { return kept_part(keep, j); };
-  const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps);
-  const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps);
+  const auto acc = s.scalar_type();
+  const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps, acc);
+  const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps, acc);
   const at::Tensor ref_ab = t_ab.label * s, ref_ba = t_ba.label * s;
   if (br.square) {
     // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
     at::Tensor cols;
-    job_forward(br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip, job(0));
+    job_forward(dev, br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip, job(0));
     nll_ba.copy_(cols);
   } else {
-    job_forward(br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip, job(0));
-    job_forward(br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip, job(1));
+    job_forward(dev, br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip, job(0));
+    job_forward(dev, br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip, job(1));
   }
   ce_ab.copy_(smoothed(nll_ab, t_ab, s, eps));
   ce_ba.copy_(smoothed(nll_ba, t_ba, s, eps));
@@ -438,18 +408,19 @@ void branch_forward(const Branch& br, const at::Tensor& s, int64_t offset, doubl
 Side side(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t offset,
           double eps, const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll) {
   const double y_off = eps / double(b.size(0)), y_on = y_off + (1.0 - eps);
-  return {nll, label_dots(a, b, offset, 0.0).label * s, g_ce + g_nll, g_ce * y_off,
-          g_ce * y_on + g_nll};
+  return {nll, label_dots(a, b, offset, 0.0, s.scalar_type()).label * s, g_ce + g_nll,
+          g_ce * y_off, g_ce * y_on + g_nll};
 }
 
-// Backward of one branch: gradients of its four inputs (two when square) into out.
+// Backward of one branch: the gradients of its tensors (2 square, else 4), in its order.
 // nll, g_ce, g_nll: [2, B], directions ab and ba.
-void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, double eps,
-                     const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll,
-                     at::Tensor& dscale, std::vector<at::Tensor>& out, int64_t strip,
-                     const at::Tensor& kept) {
+std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, const at::Tensor& s,
+                                        int64_t offset, double eps, const at::Tensor& nll,
+                                        const at::Tensor& g_ce, const at::Tensor& g_nll,
+                                        at::Tensor& dscale, int64_t strip,
+                                        const at::Tensor& kept) {
   auto job = [&](int64_t j) { return kept_part(kept, j); };
-  const auto opts = br.a_r.options().dtype(acc_type(br.a_r));
+  const auto opts = br.a_r.options().dtype(s.scalar_type());
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
   const int64_t da = br.a_r.size(1);
@@ -457,26 +428,18 @@ void branch_backward(const Branch& br, const at::Tensor& s, int64_t offset, doub
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1]);
   if (br.square) {
     at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
-    job_backward(br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0));
-    const at::Tensor none = at::empty({0}, br.a_r.options());
-    out.insert(out.end(), {cast(d_a), cast(d_b), none, none});
-    return;
+    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0));
+    return {cast(d_a), cast(d_b)};
   }
   at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
-  job_backward(br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0));
+  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0));
   at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
-  job_backward(br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1));
-  out.insert(out.end(), {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)});
+  job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1));
+  return {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)};
 }
 
 // Jobs (logit matrices computed by GEMM) per branch: one square, two otherwise.
 int64_t jobs_per_branch(const Inputs& in) { return in.global.square ? 1 : 2; }
-
-// Whether the forward keeps its logits for the backward (see kCpuLogitsElements; the fake
-// kernel in himo_fast/dual_infonce.py mirrors this).
-bool keeps_logits(const Inputs& in) {
-  return in.global.a_r.is_cpu() && 2 * jobs_per_branch(in) * in.B * in.N <= kCpuLogitsElements;
-}
 
 // The op's logits [2·jobs, B, N] seen as [branch, job, B, N]; empty stays empty.
 at::Tensor per_branch_logits(const at::Tensor& logits, const Inputs& in) {
@@ -484,76 +447,71 @@ at::Tensor per_branch_logits(const at::Tensor& logits, const Inputs& in) {
   return logits.view({2, jobs_per_branch(in), in.B, in.N});
 }
 
+bool cpu_accepts(at::ScalarType features, at::ScalarType acc) { return features == acc; }
+
 }  // namespace
 
-const StripKernels& cpu_kernels() {
-  static const StripKernels k{cpu_row_nll, cpu_col_merge, cpu_ce_grad};
-  return k;
+const Device& cpu_device() {
+  static const Device d{{cpu_row_nll, cpu_col_merge, cpu_ce_grad}, kCpuStripElements, "CPU",
+                        cpu_accepts, "float32 or float64, in the scale's dtype"};
+  return d;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
-    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
-    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
-    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
+    const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
+    const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
+    int64_t strip) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
-                                 scale, label_offset, label_smoothing);
-  const at::Tensor s = scale_acc(scale, img_r);
-  const auto opts = img_r.options().dtype(acc_type(img_r));
+  const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
+                                 label_smoothing);
+  const at::Tensor s = scale.reshape({}).contiguous();
+  const auto opts = in.global.a_r.options().dtype(in.acc);
   at::Tensor ce = at::empty({4, in.B}, opts), nll = at::empty({4, in.B}, opts);
   const int64_t jobs = jobs_per_branch(in);
-  at::Tensor logits = keeps_logits(in) ? at::empty({2 * jobs, in.B, in.N}, opts)
-                                       : at::empty({0}, opts);
+  TORCH_CHECK_VALUE(!keep_logits || in.global.a_r.scalar_type() == in.acc,
+                    "himo_fast dual_ce: keep_logits needs inputs in the accumulation dtype");
+  at::Tensor logits = keep_logits ? at::empty({2 * jobs, in.B, in.N}, opts) : at::empty({0}, opts);
   const at::Tensor per_branch = per_branch_logits(logits, in);
-  branch_forward(in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0], nll[1], strip,
-                 kept_part(per_branch, 0));
-  branch_forward(in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2], nll[3], strip,
-                 kept_part(per_branch, 1));
+  branch_forward(device, in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0],
+                 nll[1], strip, kept_part(per_branch, 0));
+  branch_forward(device, in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2],
+                 nll[3], strip, kept_part(per_branch, 1));
   return {ce, nll, logits};
 }
 
-std::vector<at::Tensor> dual_ce_backward_impl(
-    const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r,
-    const at::Tensor& cimg_r, const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
-    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce_backward(
+    const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
+    const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
+    at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
     double label_smoothing, int64_t strip) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Inputs in = check_inputs(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
-                                 scale, label_offset, label_smoothing);
-  const auto acc = acc_type(img_r);
+  const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
+                                 label_smoothing);
   const std::vector<int64_t> shape{4, in.B};
   TORCH_CHECK_VALUE(nll.sizes() == at::IntArrayRef(shape) && grad_ce.sizes() == nll.sizes() &&
                         grad_nll.sizes() == nll.sizes(),
                     "himo_fast dual_ce_backward: nll, grad_ce and grad_nll must have shape [4, ",
                     in.B, "], got ", nll.sizes(), ", ", grad_ce.sizes(), " and ", grad_nll.sizes());
   const int64_t jobs = jobs_per_branch(in);
-  const bool kept = logits.numel() != 0;
-  TORCH_CHECK_VALUE(!kept || (keeps_logits(in) && logits.sizes() ==
-                                  at::IntArrayRef({2 * jobs, in.B, in.N}) &&
-                              logits.scalar_type() == acc && logits.is_contiguous() &&
-                              logits.device() == img_r.device()),
+  TORCH_CHECK_VALUE(logits.numel() == 0 ||
+                        (logits.sizes() == at::IntArrayRef({2 * jobs, in.B, in.N}) &&
+                         logits.scalar_type() == in.acc && logits.is_contiguous() &&
+                         logits.device() == in.global.a_r.device()),
                     "himo_fast dual_ce_backward: logits must be empty or the forward's [",
                     2 * jobs, ", ", in.B, ", ", in.N, "] output, got ", logits.sizes());
   const at::Tensor per_branch = per_branch_logits(logits, in);
-  const at::Tensor s = scale_acc(scale, img_r);
-  auto ready = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const at::Tensor s = scale.reshape({}).contiguous();
+  auto ready = [&](const at::Tensor& t) { return t.to(in.acc).contiguous(); };
   const at::Tensor g_ce = ready(grad_ce), g_nll = ready(grad_nll), l = ready(nll);
-  at::Tensor dscale = at::zeros({}, img_r.options().dtype(acc));
-  // Per branch: d a_r, d b_r, d a_c, d b_c (the last two empty when square).
-  std::vector<at::Tensor> grads;
+  at::Tensor dscale = at::zeros({}, in.global.a_r.options().dtype(in.acc));
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
-  branch_backward(in.global, s, label_offset, label_smoothing, two(l, 0), two(g_ce, 0),
-                  two(g_nll, 0), dscale, grads, strip, kept_part(per_branch, 0));
-  branch_backward(in.comp, s, label_offset, label_smoothing, two(l, 2), two(g_ce, 2),
-                  two(g_nll, 2), dscale, grads, strip, kept_part(per_branch, 1));
-  // Order of the op's inputs: rows (img, txt, cimg, comp), columns (same), scale.
-  return {grads[0], grads[1], grads[4], grads[5], grads[2], grads[3], grads[6], grads[7], dscale};
+  auto g = branch_backward(device, in.global, s, label_offset, label_smoothing, two(l, 0),
+                           two(g_ce, 0), two(g_nll, 0), dscale, strip, kept_part(per_branch, 0));
+  auto c = branch_backward(device, in.comp, s, label_offset, label_smoothing, two(l, 2),
+                           two(g_ce, 2), two(g_nll, 2), dscale, strip, kept_part(per_branch, 1));
+  return {g, c, dscale};
 }
 
 }  // namespace himo

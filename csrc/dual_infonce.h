@@ -41,35 +41,43 @@ struct StripKernels {
                   const Side& cols, int64_t label_col0, at::Tensor& ds_rows);
 };
 
-const StripKernels& cpu_kernels();
+// What differs between devices; everything else in the driver is device-agnostic. Each
+// device's op entry points (registered per dispatch key in ops.cpp) pass theirs.
+struct Device {
+  StripKernels strips;
+  int64_t strip_elements;  // bound on one strip of logits (rows x columns)
+  const char* name;
+  bool (*accepts)(at::ScalarType features, at::ScalarType acc);  // input dtypes
+  const char* dtypes;  // what it accepts, for the error message
+};
+
+// The op's arguments: each branch is [a_r, b_r] (square: the columns are the rows) or
+// [a_r, b_r, a_c, b_c]: rows against columns, logits s·a_r·b_cᵀ and s·b_r·a_cᵀ. Two
+// branches: global (img, txt) and component (cimg, comp), the latter of its own width
+// (HiDe's factorised form: cimg = [img·V_m, img·ū], comp = [X̂·V_m, 1]). Row i's label is
+// column i + label_offset. The accumulation dtype is the scale's (the caller's rule:
+// himo_fast.pca.compute_dtype); inputs may be narrower where the device accepts it.
+// Returns (ce, nll, logits); ce and nll [4, B] (global a→b, b→a, component a→b, b→a):
+// the label-smoothed cross entropy of each row and the plain one, lse - label logit
+// (saved for the backward). logits: with keep_logits, the unscaled dot products of every
+// GEMM of the forward, [2 or 4, B, N], for the backward to skip its recompute; else
+// empty. strip_rows > 0 forces the strip height (tests); 0 picks it from the device bound.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
+    const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
+    const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
+    int64_t strip_rows);
+
+// Gradients of each branch's tensors (same order, same count) and of the scale.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce_backward(
+    const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
+    const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
+    at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
+    double label_smoothing, int64_t strip_rows);
+
+// The devices (dual_infonce.cpp, dual_infonce_cuda.cu).
+const Device& cpu_device();
 #ifdef HIMO_WITH_CUDA
-const StripKernels& cuda_kernels();
+const Device& cuda_device();
 #endif
-
-// Ops (registered in ops.cpp). Two branches, each a pair of feature sets: global
-// (img, txt) and component (cimg, comp); the component pair may have its own width (HiDe's
-// factorised form: cimg = [img·V_m, img·ū], comp = [X̂·V_m, 1]). Columns omitted: the
-// square single-rank case, columns = rows. Row i's label is column i + label_offset.
-// Returns (ce, nll, logits); ce and nll [4, B]: the label-smoothed cross entropy of each
-// row of the four logit matrices, and the plain one, lse - label logit (saved for the
-// backward). logits: the unscaled dot products of every GEMM of the forward, [2 or 4, B, N],
-// when they fit a small constant bound on the CPU (saved for the backward, which then
-// skips its recompute), else empty. strip_rows > 0 forces the strip height (tests); 0
-// picks it from a memory bound.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce_impl(
-    const at::Tensor& img_r, const at::Tensor& txt_r, const at::Tensor& cimg_r,
-    const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
-    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip_rows);
-
-// Gradients in the order of the op's inputs: 8 features (empty for omitted columns), scale.
-std::vector<at::Tensor> dual_ce_backward_impl(
-    const at::Tensor& grad_ce, const at::Tensor& grad_nll, const at::Tensor& nll,
-    const at::Tensor& logits, const at::Tensor& img_r, const at::Tensor& txt_r,
-    const at::Tensor& cimg_r, const at::Tensor& comp_r, const c10::optional<at::Tensor>& img_c,
-    const c10::optional<at::Tensor>& txt_c, const c10::optional<at::Tensor>& cimg_c,
-    const c10::optional<at::Tensor>& comp_c, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip_rows);
 
 }  // namespace himo

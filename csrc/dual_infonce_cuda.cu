@@ -141,11 +141,21 @@ void cuda_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One strip of logits on a GPU: 128 MiB in fp32 (launches over a too-thin strip would
+// starve the chip).
+constexpr int64_t kCudaStripElements = int64_t(1) << 25;
+
+bool cuda_accepts(at::ScalarType features, at::ScalarType acc) {
+  return acc == at::kFloat &&
+         (features == at::kFloat || features == at::kBFloat16 || features == at::kHalf);
+}
+
 }  // namespace
 
-const StripKernels& cuda_kernels() {
-  static const StripKernels k{cuda_row_nll, cuda_col_merge, cuda_ce_grad};
-  return k;
+const Device& cuda_device() {
+  static const Device d{{cuda_row_nll, cuda_col_merge, cuda_ce_grad}, kCudaStripElements, "CUDA",
+                        cuda_accepts, "float32, bfloat16 or float16 with a float32 scale"};
+  return d;
 }
 
 }  // namespace himo

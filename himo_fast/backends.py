@@ -1,57 +1,158 @@
-"""The one dispatch point: which implementation computes HiDe and the dual InfoNCE.
+"""The one dispatch point: (backend name, device type, dtype) -> the implementation of
+each stage, fallbacks included. Nothing else in the package looks at devices: the ops'
+kernels are routed by the dispatcher (csrc/ops.cpp registers them per dispatch key), and
+the stages below take what differs (the eigensolver, the kernels' dtype, whether the
+forward keeps its logits) as arguments chosen here.
 
-A backend is a pair of functions with the reference's signatures:
-``hide_factors(u, tau) -> Factors`` (HiDe: centring, PCA, the reconstruction as factors)
-and ``dual_infonce(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c, scale,
-label_offset, label_smoothing) -> (global, comp)``. ``select`` picks one for a
-device: an explicit name, else $HIMO_FAST_BACKEND, else the first usable one in
-``AUTO_ORDER``. Nothing else in the package looks at devices.
+    MoLo / hide ──select(name, device)──► Impl(hide_factors, dual_infonce)
+        hide_factors:  centre → PCA (eigh chosen here) → factors      (factors.py, pca.py)
+        dual_infonce:  ops.dual_ce (C++/CUDA), or the reference      (dual_infonce.py)
 
-Backends: ``reference`` (pure PyTorch), ``cpu`` (the compiled dual InfoNCE, csrc/),
-``cuda`` (its CUDA twin), ``triton`` (HiDe on the Triton kernels of himo_fast.kernels and
-the sync-free eigh, on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1).
+Backends: ``reference`` (pure PyTorch, differentiable to any order), ``cpu`` (the
+compiled dual InfoNCE, csrc/), ``cuda`` (its CUDA twin), ``triton`` (HiDe on the Triton
+kernels of himo_fast.kernels, on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1).
+``select`` picks one for a device: an explicit name, else $HIMO_FAST_BACKEND, else the
+first usable one in ``AUTO_ORDER``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import _extension, dual_infonce, reference
-from .reconstruct import hide_factors
+from . import _extension, ops, reference
+from .dual_infonce import dual_infonce as compiled_dual_infonce
+from .factors import TORCH_OPS, HiDeOps, hide_factors
 
 ENV_VAR = "HIMO_FAST_BACKEND"
+# Fastest first, per device type.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# The CPU forward keeps its logits for the backward (which then skips their recompute, a
+# quarter of its work) when all of them fit in this many elements: 8 MiB in fp32, N=1024
+# square or 128 rows against 1024 columns; a constant, so memory stays O(N·d). Not on GPUs,
+# where the recompute is cheap against the memory.
+CPU_LOGITS_KEPT = 1 << 21
+# cuSOLVER's XsyevBatched runs inside a CUDA-graph capture up to this size: 128, 256 and
+# 512 captured on an H100, 768 and 1024 did not (benchmarks/eigh_probe.py, 2026-11-23).
+SYEV_BATCHED_CAPTURE_MAX = 512
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend on one device type."""
+
+    name: str
+    hide_factors: Callable  # (u, tau) -> factors.Factors
+    dual_infonce: Callable  # (rows, cols, scale, label_offset, label_smoothing) -> (global, comp)
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    hide_factors: Callable
-    dual_infonce: Callable
-    # Returns None when usable on that device type, else the reason it is not.
-    unavailable: Callable[[str], str | None]
+    build: Callable[[str], "Impl | str"]  # device type -> its Impl, or why it cannot run there
 
 
-_REGISTRY: dict[str, Backend] = {}
-# Fastest first, per device type.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# ---------------------------------------------------------------- the stages per device
+
+def _cpu_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, strip_rows=0):
+    b = rows[0][0].shape[0]
+    n = b if cols is None else cols[0][0].shape[0]
+    jobs = 1 if cols is None else 2  # GEMMs per branch
+    return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
+                                 keep_logits=2 * jobs * b * n <= CPU_LOGITS_KEPT,
+                                 strip_rows=strip_rows)
 
 
-def register(backend: Backend) -> None:
-    _REGISTRY[backend.name] = backend
+def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, strip_rows=0):
+    dtype = rows[0][0].dtype
+    if dtype == torch.float64:  # the CUDA kernels have no float64 (it is for gradcheck there)
+        return reference.dual_infonce_reference(rows, cols, scale, label_offset, label_smoothing)
+    # bf16/fp16 stay narrow for the tensor cores; the op accumulates in fp32.
+    return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
+                                 kernel_dtype=dtype, strip_rows=strip_rows)
 
 
-def _only_on(device_type: str, need_cuda: bool):
-    def unavailable(kind: str) -> str | None:
-        if kind != device_type:
-            return f"runs on {device_type} tensors only"
-        return _extension.unavailable_reason(need_cuda=need_cuda)
-    return unavailable
+def _hide_cpu(u, tau):
+    # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
+    # component branch then has width m+1). Under torch.compile the fixed-size masked
+    # factors keep the graph free of data-dependent shapes. The full eigh, not subspace
+    # iteration: on 2 cores MKL's eigh wins at every measured size (benchmarks/README.md).
+    return hide_factors(u, tau, sliced=not torch.compiler.is_compiling())
 
 
-def _triton_unavailable(kind: str) -> str | None:
+def sync_free_eigh(a):
+    """torch.linalg.eigh without its host read of the solver's status, where built."""
+    return ops.sym_eigh(a) if ops.SYM_EIGH_ON_CUDA else torch.linalg.eigh(a)
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_for_capture(device: torch.device) -> None:
+    """Run each capture-time solver once, eagerly, on a 2 x 2 problem: a Triton kernel's
+    first launch (compile, module load) and cuSOLVER's parameter set and workspace query
+    then never happen inside a capture."""
+    from . import kernels
+    a = torch.eye(2, device=device, dtype=torch.float64)
+    kernels.jacobi_eigh(a, sweeps=1)
+    if ops.SYM_EIGH_ON_CUDA:
+        ops.sym_eigh(a, "syev_batched")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_capture(k: int) -> None:
+    warnings.warn(
+        f"himo_fast: HiDe captured in a CUDA graph with a {k} x {k} Gram/covariance matrix "
+        f"uses the Jacobi eigensolver, which is exact but slow above "
+        f"{SYEV_BATCHED_CAPTURE_MAX} (≈ 230 ms at 768 on an H100, against 8 ms for the eager "
+        "syevd): leave the loss outside the captured region there.", stacklevel=3)
+
+
+def _capturable_eigh(a):
+    """The triton backend's eigensolver on CUDA: syevd (sync-free) eagerly; while the
+    current stream is capturing a graph, XsyevBatched up to SYEV_BATCHED_CAPTURE_MAX and
+    the Triton Jacobi kernels above it (nothing else torch or cuSOLVER ships captures)."""
+    from . import kernels
+    if torch.cuda.is_current_stream_capturing():
+        if ops.SYM_EIGH_ON_CUDA and a.shape[0] <= SYEV_BATCHED_CAPTURE_MAX:
+            return ops.sym_eigh(a, "syev_batched")
+        _warn_slow_capture(a.shape[0])
+        return kernels.jacobi_eigh(a)
+    _prepare_for_capture(a.device)
+    return sync_free_eigh(a)
+
+
+def triton_hide_ops(kind: str) -> HiDeOps:
+    """HiDe's primitives on the Triton kernels, with the eigensolver for this device type."""
+    from . import kernels  # triton is imported only when this backend runs
+    eigh = _capturable_eigh if kind == "cuda" else torch.linalg.eigh
+    return HiDeOps(kernels.centre, kernels.gram_or_cov, kernels.product, eigh)
+
+
+# ---------------------------------------------------------------- the backends
+
+def _build_reference(kind: str):
+    return Impl("reference", reference.hide_factors_reference, reference.dual_infonce_reference)
+
+
+def _build_cpu(kind: str):
+    if kind != "cpu":
+        return "runs on cpu tensors only"
+    return _extension.unavailable_reason(need_cuda=False) or Impl("cpu", _hide_cpu, _cpu_dual_infonce)
+
+
+def _build_cuda(kind: str):
+    if kind != "cuda":
+        return "runs on cuda tensors only"
+    masked = HiDeOps(*TORCH_OPS[:3], sync_free_eigh)
+    return _extension.unavailable_reason(need_cuda=True) or Impl(
+        "cuda", lambda u, tau: hide_factors(u, tau, sliced=False, ops=masked), _cuda_dual_infonce)
+
+
+def _build_triton(kind: str):
     # CUDA tensors on a GPU; CPU tensors only through Triton's interpreter (CI's way to
     # test the kernels). TRITON_INTERPRET is read when the kernels are first imported.
     if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -62,51 +163,31 @@ def _triton_unavailable(kind: str) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    return None
+    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host.
+    # The dual InfoNCE is the compiled one where built, else the reference.
+    compiled = _cuda_dual_infonce if kind == "cuda" else _cpu_dual_infonce
+    if _extension.unavailable_reason(need_cuda=kind == "cuda") is not None:
+        compiled = reference.dual_infonce_reference
+    kernel_ops = triton_hide_ops(kind)
+    return Impl("triton", lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops),
+                compiled)
 
 
-def _hide_factors_triton(u, tau):
-    from . import kernels  # triton is imported only when this backend runs
-    # Masked factors and the full eigh without its info read: nothing here reads the
-    # device on the host. Subspace iteration (partial=True) is not used: its block policy
-    # reads Ritz values (benchmarks/test_hide.py times it as `subspace_iteration`).
-    return hide_factors(u, tau, sliced=False, ops=kernels.OPS)
+_REGISTRY = {b.name: b for b in (Backend("reference", _build_reference), Backend("cpu", _build_cpu),
+                                 Backend("cuda", _build_cuda), Backend("triton", _build_triton))}
 
 
-def _dual_infonce_compiled_or_reference(*args, **kwargs):
-    # The Triton backend's own kernels are HiDe's; the dual InfoNCE is the compiled one
-    # where the extension is built and takes the dtype (the CUDA kernels have no float64:
-    # float64 on a GPU is for gradcheck, not speed), else the reference.
-    x = args[0]
-    compiled = _extension.unavailable_reason(need_cuda=x.is_cuda) is None
-    if compiled and not (x.is_cuda and x.dtype == torch.float64):
-        return dual_infonce.dual_infonce(*args, **kwargs)
-    return reference.dual_infonce_reference(*args, **kwargs)
+_BUILT: dict = {}  # (name, device type) -> Impl or reason; a plain dict, which Dynamo traces
 
 
-def _hide_factors_masked(u, tau):
-    # The fused first-order HiDe over the fixed-size masked basis: no host sync.
-    return hide_factors(u, tau, sliced=False)
-
-
-def _hide_factors_cpu(u, tau):
-    # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
-    # component branch then has width m+1). Under torch.compile the fixed-size masked
-    # factors keep the graph free of data-dependent shapes. The full eigh, not subspace
-    # iteration: on 2 cores MKL's eigh wins at every measured size (benchmarks/README.md).
-    return hide_factors(u, tau, sliced=not torch.compiler.is_compiling())
-
-
-register(Backend("reference", reference.hide_factors_reference, reference.dual_infonce_reference,
-                 lambda device_type: None))
-# Compiled dual InfoNCE (csrc/): the C++ tile algorithm on CPU, its CUDA twin on GPUs.
-register(Backend("cpu", _hide_factors_cpu, dual_infonce.dual_infonce,
-                 _only_on("cpu", need_cuda=False)))
-register(Backend("cuda", _hide_factors_masked, dual_infonce.dual_infonce,
-                 _only_on("cuda", need_cuda=True)))
-# Triton HiDe kernels (kernels/): centring, Gram/covariance, the factor products.
-register(Backend("triton", _hide_factors_triton, _dual_infonce_compiled_or_reference,
-                 _triton_unavailable))
+def _impl(name: str, kind: str):
+    """The backend's Impl on this device type, or the reason it cannot run there."""
+    key = (name, kind)
+    if key not in _BUILT:
+        _BUILT[key] = ("no CUDA device is available"
+                       if kind == "cuda" and not torch.cuda.is_available()
+                       else _REGISTRY[name].build(kind))
+    return _BUILT[key]
 
 
 def _device_type(device) -> str:
@@ -115,23 +196,24 @@ def _device_type(device) -> str:
     return torch.device(device).type
 
 
+def no_autocast(t: torch.Tensor):
+    """open_clip trains under autocast; the loss runs in (at least) float32 regardless: a
+    half-precision PCA or log-sum-exp would not meet SPEC section 4. (Meta tensors, for
+    shape propagation, have no autocast to turn off.)"""
+    kind = _device_type(t)
+    if kind == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, enabled=False)
+
+
 def known_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
-
-
-def _no_device(kind: str) -> str | None:
-    """Why nothing at all can run on this device type here (None when something can)."""
-    if kind == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is available"
-    return None
 
 
 def available_backends(device) -> list[str]:
     """Names of the backends that can run on ``device`` (a device, string or tensor)."""
     kind = _device_type(device)
-    if _no_device(kind) is not None:
-        return []
-    return [name for name, b in _REGISTRY.items() if b.unavailable(kind) is None]
+    return [name for name in _REGISTRY if isinstance(_impl(name, kind), Impl)]
 
 
 def check_name(backend: str) -> None:
@@ -139,22 +221,26 @@ def check_name(backend: str) -> None:
         raise ValueError(f"backend must be 'auto' or one of {known_backends()}, got {backend!r}")
 
 
-def select(backend: str, device) -> Backend:
-    """The backend to run on ``device``; raises if an explicitly named one cannot."""
+def select(backend: str, device) -> Impl:
+    """The implementation to run on ``device``; raises if an explicitly named one cannot."""
     kind = _device_type(device)
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend == "auto":
             for name in AUTO_ORDER.get(kind, ("reference",)):
-                if name in _REGISTRY and _REGISTRY[name].unavailable(kind) is None:
-                    return _REGISTRY[name]
-            return _REGISTRY["reference"]
+                impl = _impl(name, kind)
+                if isinstance(impl, Impl):
+                    return impl
+            impl = _impl("reference", kind)
+            if isinstance(impl, Impl):
+                return impl
+            raise ValueError(f"nothing can run on {kind} tensors here: {impl}")
         source = f"${ENV_VAR}"
     else:
         source = "backend"
     if backend not in _REGISTRY:
         raise ValueError(f"{source} must be 'auto' or one of {known_backends()}, got {backend!r}")
-    why = _no_device(kind) or _REGISTRY[backend].unavailable(kind)
-    if why is not None:
-        raise ValueError(f"{source}={backend!r} cannot run on {kind} tensors: {why}")
-    return _REGISTRY[backend]
+    impl = _impl(backend, kind)
+    if not isinstance(impl, Impl):
+        raise ValueError(f"{source}={backend!r} cannot run on {kind} tensors: {impl}")
+    return impl

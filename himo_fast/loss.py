@@ -1,15 +1,13 @@
 """The public loss: ``MoLo`` (a drop-in for open_clip's ClipLoss) and ``hide``."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
 from . import backends
 from .checks import check_config, check_features, check_scalar_tensor, check_tau
 from .distributed import check_ranks, gather, with_local_slice
-from .reconstruct import component_image, component_text, factored_is_cheaper, materialize
+from .factors import component_image, component_text, factored_is_cheaper, materialize
 
 
 def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -> torch.Tensor:
@@ -19,17 +17,8 @@ def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -
     check_features("text_features", text_features)
     tau = check_tau(tau)
     backends.check_name(backend)
-    with _no_autocast(text_features):
+    with backends.no_autocast(text_features):
         return materialize(backends.select(backend, text_features).hide_factors(text_features, tau))
-
-
-def _no_autocast(t: torch.Tensor):
-    # open_clip trains under autocast; the loss runs in (at least) float32 regardless:
-    # a half-precision PCA or log-sum-exp would not meet SPEC section 4. (Meta tensors,
-    # for shape propagation, have no autocast to turn off.)
-    if t.device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 class MoLo(nn.Module):
@@ -71,7 +60,7 @@ class MoLo(nn.Module):
             check_ranks(rank=self.rank, world_size=self.world_size, features=image_features,
                         config=(self.tau, self.lam, self.label_smoothing, self.local_loss,
                                 self.gather_with_grad, self.pca_scope))
-        with _no_autocast(image_features):
+        with backends.no_autocast(image_features):
             return self._loss(impl, image_features, text_features, logit_scale, logit_bias,
                               output_dict)
 
@@ -109,14 +98,12 @@ class MoLo(nn.Module):
                 comp_c = gather([comp], **gather_args)[0] if distributed else comp
             cimg_r, cimg_c = v, all_v
 
-        if local_rows:
-            rows = (v, u, cimg_r, comp_r)
-            offset = self.rank * b
-        else:
-            rows = (all_v, all_u, cimg_c, comp_c)
-            offset = 0
-        cols = (all_v, all_u, cimg_c, comp_c)
-        glob, comp_loss = impl.dual_infonce(*rows, *cols, logit_scale, offset, self.label_smoothing)
+        cols = ((all_v, all_u), (cimg_c, comp_c))
+        if local_rows:  # this rank's rows against every rank's columns
+            rows, offset = ((v, u), (cimg_r, comp_r)), self.rank * b
+        else:  # square: every row against every column
+            rows, cols, offset = cols, None, 0
+        glob, comp_loss = impl.dual_infonce(rows, cols, logit_scale, offset, self.label_smoothing)
         if logit_bias is not None:
             # Softmax cross entropy is invariant to a constant added to every logit: the
             # bias changes neither value nor gradient (exactly zero), as in ClipLoss; a NaN

@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 
-from . import _extension
 from .subspace_iteration import deflated_resolvent, start_block, top_eigenpairs
 
 # Variance floor in the explained-variance ratio (the authors' max(Σλ, 1e-8)).
@@ -93,36 +92,6 @@ def numerical_zero(eigvals: torch.Tensor) -> torch.Tensor:
     return RELATIVE_ZERO * eps * eigvals.max().clamp(min=0)
 
 
-def _register_sym_eigh() -> bool:
-    """The fake kernel of himo_fast::sym_eigh (torch.compile, opcheck); False without the
-    extension. At import, so that nothing registers while a graph is being traced."""
-    if _extension.extension() is None:
-        return False
-
-    @torch.library.register_fake("himo_fast::sym_eigh")
-    def _(a, algorithm="syevd"):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
-        return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
-                a.new_empty((), dtype=torch.int32))
-    return True
-
-
-SYM_EIGH_REGISTERED = _register_sym_eigh()
-# Whether himo_fast::sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
-SYM_EIGH_ON_CUDA = SYM_EIGH_REGISTERED and _extension.extension().built_with_cusolver()
-
-
-def device_eigh(a: torch.Tensor, algorithm: str = "syevd"):
-    """(eigenvalues ascending, eigenvectors) like torch.linalg.eigh, but without its host
-    read of the solver's info flag (a sync on a GPU) where himo_fast._C has cuSOLVER's
-    kernel (``algorithm``: its routine, "syevd" or "syev_batched"); torch.linalg.eigh
-    elsewhere. A failure can only come from non-finite input, which makes the loss NaN
-    through the reconstruction anyway."""
-    if a.is_cuda and SYM_EIGH_ON_CUDA:
-        w, v, _ = torch.ops.himo_fast.sym_eigh(a, algorithm)
-        return w, v
-    return torch.linalg.eigh(a)
-
-
 def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
     """X̂X̂ᵀ (gram space) or X̂ᵀX̂ (cov space), exactly symmetric. The lower block
     triangle only, mirrored (torch has no syrk): with 3 x 3 blocks, 6 of 9 block products
@@ -152,7 +121,8 @@ def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
     ``partial``: the top eigenpairs only, by subspace iteration, where that pays; the
     policy (block size, growth, full fallback) reads the block's Ritz values on the host,
     which is free on a CPU and a sync on a GPU. ``warm``: a previous basis to start from.
-    ``eigh``: the full decomposition (``device_eigh``: without a host sync).
+    ``eigh``: the full decomposition (backends.py picks it per device: a sync-free one on
+    GPUs).
     The chosen m is the exact one either way (tests/test_subspace_iteration.py).
     """
     n, d = x.shape
@@ -301,7 +271,7 @@ def centring_backward(grad_x: torch.Tensor, grad_mean: torch.Tensor) -> torch.Te
 class _EighAtCutoff(torch.autograd.Function):
     """(λ, V) of a symmetric matrix, passed in already computed, with a backward that is
     itself differentiable (it uses only differentiable ops on the saved outputs), so that
-    autograd can go to any order: the double-backward route of HiDe (reconstruct.py).
+    autograd can go to any order: the double-backward route of HiDe (factors.py).
 
     torch.linalg.eigh's backward divides by every eigenvalue gap and so gives NaN on the
     degenerate spectra HiDe meets (duplicated captions, the null space). Here a pair with

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .pca import compute_dtype, principal_subspace
-from .reconstruct import Factors, hide_factors_differentiable, materialize
+from .factors import Factors, hide_factors_differentiable, materialize
 
 
 def hide_reference(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
@@ -26,8 +26,9 @@ def hide_factors_reference(text_features: torch.Tensor, tau: float = 0.9) -> Fac
     return hide_factors_differentiable(text_features, tau)
 
 
-def hide_components(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
-    """The chosen m (a 0-d int64 tensor; reading it syncs, computing it does not)."""
+def component_count(text_features: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
+    """HiDe's m, the number of components kept (a 0-d int64 tensor; reading it syncs,
+    computing it does not)."""
     u = text_features.detach().to(compute_dtype(text_features.dtype))
     return principal_subspace(u - u.mean(0, keepdim=True), tau).m
 
@@ -42,18 +43,19 @@ def infonce_pair(rows_a, rows_b, cols_a, cols_b, scale, labels, label_smoothing)
     )
 
 
-def dual_infonce_reference(img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c,
-                           scale, label_offset: int = 0, label_smoothing: float = 0.0):
-    """(global, comp): the InfoNCE of (img, txt) and of (cimg, comp), rows against columns,
-    labels ``label_offset + arange(rows)``. ``cimg`` is the image side of the component
-    branch: the images themselves, or their factored form (reconstruct.component_image).
-
-    Square single-rank case: pass the rows as columns. logit_bias is not an argument:
-    softmax cross entropy is invariant to a constant added to every logit.
+def dual_infonce_reference(rows, cols, scale, label_offset: int = 0,
+                           label_smoothing: float = 0.0):
+    """(global, comp): the InfoNCE of the global pair (img, txt) and of the component pair
+    (cimg, comp), rows against columns, labels ``label_offset + arange(rows)``. ``rows``
+    and ``cols`` are ((img, txt), (cimg, comp)); ``cols`` None: the square single-rank
+    case, columns = rows. ``cimg`` is the image side of the component branch: the images
+    themselves, or their factored form (factors.component_image). logit_bias is not an
+    argument: softmax cross entropy is invariant to a constant added to every logit.
     """
-    dtype = compute_dtype(img_r.dtype)
-    feats = [t.to(dtype) for t in (img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c)]
-    img_r, txt_r, cimg_r, comp_r, img_c, txt_c, cimg_c, comp_c = feats
+    cols = rows if cols is None else cols
+    dtype = compute_dtype(rows[0][0].dtype)
+    (img_r, txt_r), (cimg_r, comp_r), (img_c, txt_c), (cimg_c, comp_c) = (
+        [t.to(dtype) for t in pair] for pair in (*rows, *cols))
     scale = scale.to(dtype).reshape(())
     labels = label_offset + torch.arange(img_r.shape[0], device=img_r.device)
     glob = infonce_pair(img_r, txt_r, img_c, txt_c, scale, labels, label_smoothing)

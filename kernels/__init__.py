@@ -1,21 +1,16 @@
-"""Triton kernels of HiDe, one module per pipeline stage (installed as himo_fast.kernels):
+"""Triton kernels of HiDe, one module per pipeline stage (installed as himo_fast.kernels).
+A leaf: they import torch and triton, never himo_fast; himo_fast.backends composes them.
 
 - ``centre``: batch centring (mean + X̂) and the centred Gram / covariance matrix;
-- ``eigh``: its eigendecomposition: cuSOLVER's syevd without a host sync, or, while a CUDA
-  graph is being captured, a Jacobi solver whose launches can be captured;
-- ``reconstruct``: the masked factor products of the reconstruction and of the component
-  similarity (u' = Z Bᵀ + ū, [vB, vū]) without materialising u' where it is not needed.
+- ``eigh``: a parallel Jacobi eigensolver whose launches a CUDA graph can capture;
+- ``reconstruct``: the factor products of the reconstruction and of the component
+  similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward.
 
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests
-them). ``himo_fast.backends`` wires them in as the ``triton`` backend.
+them).
 """
-from himo_fast.reconstruct import HiDeOps
-
 from .centre import centre, gram_or_cov
-from .eigh import eigh, jacobi_eigh
-from .reconstruct import masked_matmul, product
+from .eigh import jacobi_eigh
+from .reconstruct import matmul_bias, product
 
-# HiDe's primitives on these kernels (himo_fast.reconstruct runs the stage with them).
-OPS = HiDeOps(centre, gram_or_cov, product, eigh)
-
-__all__ = ["OPS", "centre", "eigh", "gram_or_cov", "jacobi_eigh", "masked_matmul", "product"]
+__all__ = ["centre", "gram_or_cov", "jacobi_eigh", "matmul_bias", "product"]

@@ -4,9 +4,8 @@ HiDe decomposes the small Gram / covariance matrix in full (himo_fast.pca). On a
 is cuSOLVER's syevd without its info read (himo_fast::sym_eigh): sync-free, but it cannot
 be captured in a CUDA graph (it fails with CUSOLVER_STATUS_INTERNAL_ERROR inside a capture;
 syevj cannot either, XsyevBatched only at small sizes: benchmarks/eigh_probe.py on an
-H100). ``eigh`` is the triton backend's one dispatch point: syevd when running eagerly;
-while the current stream is being captured, XsyevBatched where it captures (n ≤ 512) and
-this module's Jacobi solver above that.
+H100). Which solver runs when is himo_fast.backends' choice; this module is the Jacobi
+solver it uses above XsyevBatched's capturable sizes.
 
 ``jacobi_eigh``: two-sided cyclic Jacobi with the round-robin (parallel) ordering. A sweep
 is n-1 steps; each step rotates n/2 disjoint index pairs at once: one small kernel computes
@@ -20,14 +19,9 @@ repeated eigenvalues) stay finite.
 """
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 import triton
 import triton.language as tl
-
-from himo_fast.pca import SYM_EIGH_ON_CUDA, device_eigh
 
 from .common import check_matrix
 
@@ -170,42 +164,3 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
             current = 1 - current
     w, order = buf[current].diagonal()[:k].sort()
     return w.to(a.dtype), v[:k, :k][:, order].to(a.dtype)
-
-
-# cuSOLVER's XsyevBatched runs inside a capture up to this size: 128, 256 and 512 captured
-# on an H100, 768 and 1024 did not (benchmarks/eigh_probe.py, 2026-11-23), at syevd's speed.
-SYEV_BATCHED_CAPTURE_MAX = 512
-
-
-@functools.lru_cache(maxsize=None)
-def _prepare_for_capture(device: torch.device) -> None:
-    """Run each capture-time solver once, eagerly, on a 2 x 2 problem: a Triton kernel's
-    first launch (compile, module load) and cuSOLVER's parameter set and workspace query
-    then never happen inside a capture."""
-    a = torch.eye(2, device=device)
-    jacobi_eigh(a, sweeps=1)
-    if SYM_EIGH_ON_CUDA:
-        device_eigh(a, "syev_batched")
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_slow_capture(k: int) -> None:
-    warnings.warn(
-        f"himo_fast: HiDe captured in a CUDA graph with a {k} x {k} Gram/covariance matrix "
-        f"uses the Jacobi eigensolver, which is exact but slow above "
-        f"{SYEV_BATCHED_CAPTURE_MAX} (≈ 230 ms at 768 on an H100, against 8 ms for the eager "
-        "syevd): leave the loss outside the captured region there.", stacklevel=3)
-
-
-def eigh(a: torch.Tensor):
-    """HiDe's eigendecomposition on the triton backend. Eagerly: pca.device_eigh (syevd,
-    sync-free). While the current CUDA stream is capturing a graph: XsyevBatched up to
-    SYEV_BATCHED_CAPTURE_MAX, the Jacobi kernels above it."""
-    if a.is_cuda:
-        if torch.cuda.is_current_stream_capturing():
-            if SYM_EIGH_ON_CUDA and a.shape[0] <= SYEV_BATCHED_CAPTURE_MAX:
-                return device_eigh(a, "syev_batched")
-            _warn_slow_capture(a.shape[0])
-            return jacobi_eigh(a)
-        _prepare_for_capture(a.device)
-    return device_eigh(a)

@@ -1,15 +1,15 @@
-"""HiDe stage 3: the reconstruction and the component similarity as masked factor products.
+"""HiDe stage 3: the reconstruction and the component similarity as factor products.
 
-With the cutoff as a mask over a fixed-size basis (no host sync), every product of the
-stage is ``A @ (B * mask) (+ bias)``: the mask selects the kept components inside the
-kernel (the masked basis is never written), the bias row adds the mean back.
+With the cutoff as a mask over a fixed-size basis (no host sync; himo_fast.pca.split
+multiplies the mask into the basis once), every product of the stage is ``A @ B (+ bias)``,
+the bias row adding the mean back:
 
-    cov space:   Z = X̂ (V * keep)            B = V * keep
-    gram space:  Z = U * keep                 B = X̂ᵀ (U * keep)
+    cov space:   Z = X̂ V_keep                B = V_keep
+    gram space:  Z = U_keep                   B = X̂ᵀ U_keep
     u' = Z Bᵀ + ū                             (only where a consumer needs u')
     component image = v [B, ūᵀ]               (s·v·u'ᵀ = s·[vB, vū]·[Z, 1]ᵀ: width m+1)
 
-Reference twin: ``a @ (b * mask) + bias`` (tests/test_kernels.py).
+Reference twin: ``a @ b + bias`` (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ from .common import DOT_PRECISION, acc_dtype, check_matrix
 
 
 @triton.jit
-def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, out_ptr, M, N, K,
-                          stride_am, stride_ak, stride_bk, stride_bn,
-                          HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+def _matmul_bias_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K,
+                        stride_am, stride_ak, stride_bk, stride_bn, HAS_BIAS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
@@ -36,38 +35,33 @@ def _masked_matmul_kernel(a_ptr, b_ptr, mask_ptr, bias_ptr, out_ptr, M, N, K,
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc += tl.dot(a.to(acc.dtype), b.to(acc.dtype), input_precision=PRECISION)
-    if HAS_MASK:  # (A B) diag(mask) = A (B diag(mask)): mask the output columns once
-        acc *= tl.load(mask_ptr + rn, mask=rn < N, other=0.0).to(acc.dtype)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(acc.dtype)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc,
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def masked_matmul(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ (b * mask[None, :]) + bias[None, :] in the accumulation dtype of a; a and b may
-    be transposed views (strides are honoured, nothing is copied)."""
+def matmul_bias(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b + bias[None, :] in the accumulation dtype of a; a and b may be transposed
+    views (strides are honoured, nothing is copied)."""
     check_matrix("a", a)
     check_matrix("b", b)
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
         raise ValueError(f"a is {m}x{k} but b is {k2}x{n}: inner dimensions differ")
-    for name, v in (("mask", mask), ("bias", bias)):
-        if v is not None and v.numel() != n:
-            raise ValueError(f"{name} must have {n} elements (columns of b), got {v.numel()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have {n} elements (columns of b), got {bias.numel()}")
     acc = acc_dtype(a.dtype)
     out = torch.empty(m, n, device=a.device, dtype=acc)
     if m == 0 or n == 0:
         return out
-    mask_c = mask.reshape(-1).contiguous() if mask is not None else out
     bias_c = bias.reshape(-1).contiguous() if bias is not None else out
     block_m, block_n, block_k = 32, 32, 32
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _masked_matmul_kernel[grid](
-        a, b, mask_c, bias_c, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        HAS_MASK=mask is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=DOT_PRECISION)
+    _matmul_bias_kernel[grid](
+        a, b, bias_c, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=DOT_PRECISION)
     return out
 
 
@@ -78,13 +72,13 @@ class _Product(torch.autograd.Function):
     def forward(ctx, a, b, bias):
         ctx.save_for_backward(a, b)
         ctx.bias_shape = None if bias is None else bias.shape
-        return masked_matmul(a, b, bias=bias)
+        return matmul_bias(a, b, bias=bias)
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = masked_matmul(grad, b.T) if ctx.needs_input_grad[0] else None
-        grad_b = masked_matmul(a.T, grad) if ctx.needs_input_grad[1] else None
+        grad_a = matmul_bias(grad, b.T) if ctx.needs_input_grad[0] else None
+        grad_b = matmul_bias(a.T, grad) if ctx.needs_input_grad[1] else None
         grad_bias = None
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0).reshape(ctx.bias_shape)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from himo_fast import bench
+from himo_fast.train import bench
 
 
 def _bench(name, group, median, **extra):

@@ -22,7 +22,7 @@ torch.ops.load_library(sys.argv[1])
 torch.manual_seed(0)
 img, txt = (torch.nn.functional.normalize(torch.randn(9, 5, dtype=torch.float64), dim=-1) for _ in range(2))
 s = torch.tensor(7.0, dtype=torch.float64)
-ce, nll, _ = torch.ops.himo_fast.dual_ce(img, txt, img, txt, None, None, None, None, s)
+ce, nll, _ = torch.ops.himo_fast.dual_ce([img, txt], [img, txt], s)
 logits = s * img @ txt.T
 want = torch.nn.functional.cross_entropy(logits, torch.arange(9), reduction="none")
 want_t = torch.nn.functional.cross_entropy(logits.T, torch.arange(9), reduction="none")

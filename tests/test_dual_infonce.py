@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import himo_fast
-from himo_fast.dual_infonce import dual_ce, dual_infonce
+from himo_fast.dual_infonce import dual_infonce
+from himo_fast.ops import dual_ce
 from himo_fast.reference import dual_infonce_reference
 from conftest import assert_ran, loss_rel, pairs, rel, run_fresh
 
@@ -26,11 +27,22 @@ def _inputs(B, N, d, dtype, device="cpu", square=True, d_comp=None):
     return rows_c, cols_c
 
 
+def _pairs(ts):
+    """(img, txt, cimg, comp) as the stages take them: ((img, txt), (cimg, comp))."""
+    return (ts[0], ts[1]), (ts[2], ts[3])
+
+
+def _branches(rows, cols=None):
+    """The op's arguments: [a_r, b_r] (square) or [a_r, b_r, a_c, b_c] per branch."""
+    extra = lambda i: [] if cols is None else [cols[i], cols[i + 1]]
+    return [rows[0], rows[1], *extra(0)], [rows[2], rows[3], *extra(2)]
+
+
 def _run(fn, rows, cols, scale, offset, eps, square):
     leaves = rows + ([] if square else cols) + [scale]
     for t in leaves:
         t.grad = None
-    g, c = fn(*rows, *cols, scale, offset, eps)
+    g, c = fn(_pairs(rows), None if square else _pairs(cols), scale, offset, eps)
     (g + 0.6 * c).backward()
     return [g.detach(), c.detach()] + [t.grad.clone() for t in leaves]
 
@@ -68,7 +80,7 @@ def _one_pair_has_exactly_zero_gradient(device):
     for trial in range(20):
         rows, _ = _inputs(1, 1, 5, torch.float32, device)
         scale = torch.tensor(13.0, device=device, requires_grad=True)
-        g, c = dual_infonce(*rows, *rows, scale, 0, 0.1 * (trial % 2))
+        g, c = dual_infonce(_pairs(rows), None, scale, 0, 0.1 * (trial % 2))
         (g + 0.6 * c).backward()
         for t in rows + [scale]:
             assert torch.count_nonzero(t.grad) == 0, t.grad
@@ -87,18 +99,20 @@ def test_opcheck_both_modes():
     for square in (True, False):
         rows, cols = _inputs(9, 27, 11, torch.float64, square=square, d_comp=4)
         scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-        columns, offset = ((None,) * 4, 0) if square else (cols, 7)
-        args = (*rows, *columns, scale, offset, 0.1, 4)
-        torch.library.opcheck(torch.ops.himo_fast.dual_ce.default, args)
+        branches = _branches(rows, None if square else cols)
+        for keep in (False, True):
+            args = (*branches, scale, 0 if square else 7, 0.1, keep, 4)
+            torch.library.opcheck(torch.ops.himo_fast.dual_ce.default, args)
 
 
 def test_gradcheck_float64():
     # Both outputs (cross entropies and log-sum-exps) carry gradients.
     rows, cols = _inputs(5, 15, 7, torch.float64, square=False, d_comp=3)
     scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: dual_ce(*a[:8], a[8], 6, 0.2, 2), (*rows, *cols, scale))
+    assert torch.autograd.gradcheck(lambda *a: dual_ce(*_branches(a[:4], a[4:8]), a[8], 6, 0.2, False, 2),
+                                    (*rows, *cols, scale))
     rows, _ = _inputs(6, 6, 5, torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: dual_ce(*a[:4], *(None,) * 4, a[4], 0, 0.1, 4), (*rows, scale))
+    assert torch.autograd.gradcheck(lambda *a: dual_ce(*_branches(a[:4]), a[4], 0, 0.1, True, 4), (*rows, scale))
 
 
 @pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
@@ -109,32 +123,41 @@ def test_kept_logits_give_the_recomputed_gradient(square):
     s = torch.tensor(9.0, dtype=torch.float64)
     offset = 0 if square else 5
     feats = [t.detach() for t in rows] + ([] if square else [t.detach() for t in cols])
-    args = (*feats[:4], *((None,) * 4 if square else feats[4:]), s, offset, 0.1, 3)
-    ce, nll, logits = torch.ops.himo_fast.dual_ce(*args)
+    branches = _branches(feats[:4], None if square else feats[4:])
+    args = (*branches, s, offset, 0.1)
+    ce, nll, logits = torch.ops.himo_fast.dual_ce(*args, True, 3)
     jobs = 2 if square else 4
     assert logits.shape == (jobs, 7, 7 if square else 19)
     # the unscaled dot products of the GEMMs: img·txtᵀ first
     assert rel(logits[0], feats[0] @ (feats[1] if square else feats[5]).T) <= 1e-14
     g_ce, g_nll = torch.rand_like(ce), torch.rand_like(nll)
-    kept = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits, *args)
-    again = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits, *args)
-    fresh = torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits.new_empty(0), *args)
+    backward = lambda kept: [*(lambda g, c, s: (*g, *c, s))(
+        *torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, kept, *args, 3))]
+    kept, again, fresh = backward(logits), backward(logits), backward(logits.new_empty(0))
     for a, b, c in zip(kept, again, fresh):
         assert torch.equal(a, b)
         assert rel(a, c) <= 1e-13
     with pytest.raises(ValueError, match="logits must be empty or the forward's"):
-        torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits[:1], *args)
+        backward(logits[:1])
 
 
-def test_logits_are_not_kept_beyond_the_bound():
-    from himo_fast.dual_infonce import CPU_LOGITS_KEPT
-    n = int((CPU_LOGITS_KEPT / 2) ** 0.5) + 1  # square: 2 matrices of n² > the bound
-    rows, _ = _inputs(n, n, 2, torch.float32)
-    out = torch.ops.himo_fast.dual_ce(*[t.detach() for t in rows], *(None,) * 4, torch.tensor(2.0))
-    assert out[2].numel() == 0
-    rows, _ = _inputs(n - 1, n - 1, 2, torch.float32)
-    out = torch.ops.himo_fast.dual_ce(*[t.detach() for t in rows], *(None,) * 4, torch.tensor(2.0))
-    assert out[2].shape == (2, n - 1, n - 1)
+def test_logits_are_not_kept_beyond_the_bound(monkeypatch):
+    # The cpu backend asks the op to keep its logits only while they fit the bound.
+    from himo_fast import backends, ops
+    n = int((backends.CPU_LOGITS_KEPT / 2) ** 0.5) + 1  # square: 2 matrices of n² > the bound
+    kept = []
+    real = torch.ops.himo_fast.dual_ce
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(out[2].shape)
+        return out
+    monkeypatch.setattr(ops.torch.ops.himo_fast, "dual_ce", spy, raising=False)
+    impl = backends.select("cpu", "cpu")
+    for size in (n, n - 1):
+        rows, _ = _inputs(size, size, 2, torch.float32)
+        impl.dual_infonce(_pairs([t.detach() for t in rows]), None, torch.tensor(2.0))
+    assert kept == [(0,), (2, n - 1, n - 1)]
 
 
 def test_torch_compile_fullgraph_equals_eager():
@@ -159,24 +182,29 @@ def test_torch_compile_fullgraph_equals_eager():
 
 def test_op_rejects_bad_input():
     rows, cols = _inputs(4, 8, 6, torch.float32, square=False, d_comp=3)
+    rows, cols = [t.detach() for t in rows], [t.detach() for t in cols]
     s = torch.tensor(3.0)
+    op = lambda r, c, *rest: [*_branches(r, c), *rest]
     bad = [
-        ((rows[0].double(), *rows[1:], *cols, s), TypeError, "dtype"),
-        ((rows[0][:, :5].contiguous(), *rows[1:], *cols, s), ValueError, "feature dim"),
-        ((*rows[:3], rows[1], *cols, s), ValueError, "comp_r has feature dim 6 but cimg_r has 3"),
-        ((rows[0].t(), *rows[1:], *cols, s), ValueError, "feature dim|contiguous"),
-        ((torch.randn(4, 12)[:, ::2], *rows[1:], *cols, s), ValueError, "contiguous"),
-        ((*rows, cols[0], None, *cols[2:], s), ValueError, "all four"),
-        ((*rows, *cols, torch.ones(2)), ValueError, "scale"),
-        ((*rows, *[c[:3] for c in cols], s), ValueError, "columns"),
-        ((*rows, *cols, s, 5), ValueError, "label_offset must be in \\[0, 4\\].*got 5"),
-        ((*rows, *(None,) * 4, s, 1), ValueError, "label_offset must be 0"),
-        ((*rows, *cols, s, 0, 1.0), ValueError, "label_smoothing must be in \\[0, 1\\), got 1"),
-        ((*(r.half() for r in rows), None, None, None, None, s), TypeError, "float32 or float64"),
+        (op([rows[0].double(), *rows[1:]], cols, s), TypeError, "dtype"),
+        (op([rows[0][:, :5].contiguous(), *rows[1:]], cols, s), ValueError, "feature dim"),
+        (op([*rows[:3], rows[1]], cols, s), ValueError, "comp_branch has feature dim 6 but its a_r has 3"),
+        (op([rows[0].t(), *rows[1:]], cols, s), ValueError, "feature dim|contiguous"),
+        (op([torch.randn(4, 12)[:, ::2], *rows[1:]], cols, s), ValueError, "contiguous"),
+        ([rows[:2] + cols[:1], rows[2:] + cols[2:], s], ValueError, r"\[a_r, b_r\] \(square\) or"),
+        ([rows[:2] + cols[:2], rows[2:], s], ValueError, "both branches must be square"),
+        (op(rows, cols, torch.ones(2)), ValueError, "scale"),
+        (op(rows, [c[:3] for c in cols], s), ValueError, "columns"),
+        (op(rows, cols, s, 5), ValueError, "label_offset must be in \\[0, 4\\].*got 5"),
+        (op(rows, None, s, 1), ValueError, "label_offset must be in \\[0, 0\\].*got 1"),
+        (op(rows, cols, s, 0, 1.0), ValueError, "label_smoothing must be in \\[0, 1\\), got 1"),
+        (op([r.half() for r in rows], None, s), TypeError, "float32 or float64"),
+        (op(rows, None, s.half()), TypeError, "float32 or float64, got Half"),
+        (op(rows, None, s.double()), TypeError, "in the scale's dtype"),
     ]
     for args, exc, needle in bad:
         with pytest.raises(exc, match=needle):
-            torch.ops.himo_fast.dual_ce(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+            torch.ops.himo_fast.dual_ce(*args)
 
 
 RUNTIME_PROBE = """
@@ -185,7 +213,7 @@ from himo_fast import _extension
 assert _extension.extension() is not None, _extension.unavailable_reason(need_cuda=False)
 x = torch.randn(3, 4)
 try:
-    torch.ops.himo_fast.dual_ce(x, x, x, x, None, None, None, None, torch.tensor(2.0), 7)
+    torch.ops.himo_fast.dual_ce([x, x], [x, x], torch.tensor(2.0), 7)
 except ValueError as err:
     print(err)
 """
@@ -196,7 +224,7 @@ def test_error_messages_format_numbers_in_a_fresh_process():
     # it formats an integer into a message: seen on a GPU machine; setup.py now links the
     # shared one by name. A fresh process, so that a crash fails this test, not the session.
     out = assert_ran(run_fresh(RUNTIME_PROBE))
-    assert "label_offset must be 0" in out and "got 7" in out, out
+    assert "label_offset must be in [0, 0]" in out and "got 7" in out, out
 
 
 MEMORY_PROBE = """
@@ -212,11 +240,11 @@ img, txt, comp = [torch.nn.functional.normalize(torch.randn(N, d), dim=-1).requi
 s = torch.tensor(10.0, requires_grad=True)
 f = [img, txt, img, comp]  # the component branch at full width d (the unfactored form)
 w = [t[:64].detach().clone().requires_grad_() for t in f]
-g, c = dual_infonce(*w, *w, s, 0, 0.1)  # warm-up on a tiny batch: thread pools, libraries
+g, c = dual_infonce(((w[0], w[1]), (w[2], w[3])), None, s, 0, 0.1)  # warm-up on a tiny batch: thread pools, libraries
 (g + c).backward()
 base = kib("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-g, c = dual_infonce(*f, *f, s, 0, 0.1, strip_rows=strip)
+g, c = dual_infonce(((f[0], f[1]), (f[2], f[3])), None, s, 0, 0.1, strip_rows=strip)
 (g + c).backward()
 print(base, kib("VmHWM"))
 """

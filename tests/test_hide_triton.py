@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import himo_fast
+from himo_fast import backends
 from himo_fast import pca
-from himo_fast.reconstruct import hide_factors, materialize
-from himo_fast.reference import hide_components, hide_reference
+from himo_fast.factors import hide_factors, materialize
+from himo_fast.reference import component_count, hide_reference
 from conftest import assert_ran, loss_rel, pairs, rel, run_fresh
 
 SHAPES = [(33, 48), (70, 31), (45, 45)]  # N < d, N > d, N = d
@@ -17,7 +18,7 @@ SHAPES = [(33, 48), (70, 31), (45, 45)]  # N < d, N > d, N = d
 @pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
 @pytest.mark.parametrize("n,d", SHAPES)
 def test_hide_equals_exact_reconstruction_and_m(triton_device, decay, tau, n, d):
-    from himo_fast.kernels import OPS
+    OPS = backends.triton_hide_ops(triton_device.type)
     _, u = pairs(n, d, torch.float32, decay=decay, requires_grad=False)
     u = u.to(triton_device)
     ours = himo_fast.hide(u, tau, backend="triton")
@@ -27,7 +28,7 @@ def test_hide_equals_exact_reconstruction_and_m(triton_device, decay, tau, n, d)
     # The m the kernels' covariance gives is the exact one.
     _, x = OPS.centre(u)
     m_ours = pca.principal_subspace(x, tau, OPS.small_matrix).m
-    assert int(m_ours) == int(hide_components(u.double().cpu(), tau))
+    assert int(m_ours) == int(component_count(u.double().cpu(), tau))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -61,13 +62,13 @@ def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
 def test_subspace_iteration_path_through_the_kernels(triton_device, monkeypatch):
     # A small side big enough for a partial block (2r < k): the eigenpairs come from
     # subspace iteration, on the kernels' covariance, with the complement gradient.
-    from himo_fast.kernels import OPS
+    OPS = backends.triton_hide_ops(triton_device.type)
     monkeypatch.setattr(pca, "PARTIAL_MIN_SIZE", 0)  # in use from 256; small here (speed)
     u = pairs(170, 130, torch.float32, requires_grad=False)[1].to(triton_device)
     _, x = OPS.centre(u)
     sub = pca.principal_subspace(x, 0.9, OPS.small_matrix, partial=True, eigh=OPS.eigh)
     assert sub.complement is not None and sub.basis.shape[1] < 65
-    assert int(sub.m) == int(hide_components(u.double().cpu(), 0.9))
+    assert int(sub.m) == int(component_count(u.double().cpu(), 0.9))
     u = u.requires_grad_()
     u64 = u.detach().double().cpu().requires_grad_()
     upstream = torch.randn(170, 130, dtype=torch.float64)

@@ -3,7 +3,7 @@ import open_clip
 import pytest
 import torch
 
-from himo_fast.long_text import stretch_model, stretch_positions
+from himo_fast.train.long_text import stretch_model, stretch_positions
 from tiny_clip import tiny_clip
 
 

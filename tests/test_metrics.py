@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from himo_fast import metrics
+from himo_fast.train import metrics
 
 
 def test_segments_follow_the_paper():

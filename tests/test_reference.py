@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import himo_fast
-from himo_fast.reference import hide_components, hide_reference
+from himo_fast.reference import component_count, hide_reference
 from conftest import loss_rel, pairs, rel
 from official import official_hide, official_loss, official_m
 
@@ -40,7 +40,7 @@ def test_loss_matches_official(dtype, n, d, tau, lam, eps):
 def test_hide_matches_official_and_m(n, d, tau):
     _, u = pairs(n, d, requires_grad=False)
     assert rel(hide_reference(u, tau), official_hide(u, tau)) <= 1e-10
-    assert int(hide_components(u, tau)) == official_m(u, tau)
+    assert int(component_count(u, tau)) == official_m(u, tau)
 
 
 @pytest.mark.parametrize("n,d", [(6, 9), (9, 5)])
@@ -133,14 +133,14 @@ def test_factors_sliced_equal_masked(n, d):
     """The exact-size factors (CPU backend) and the fixed-size masked ones (no sync) give
     the same reconstruction and gradient; gradcheck through both consumers. (Z and B alone
     depend on the choice of basis inside the subspace; only Z Bᵀ is a function of u.)"""
-    from himo_fast.reconstruct import hide_factors, materialize, component_image, component_text
+    from himo_fast.factors import hide_factors, materialize, component_image, component_text
     v, u = pairs(n, d)
     w = torch.randn(n, d, dtype=torch.float64)
     out = {}
     for sliced in (True, False):
         u.grad = None
         f = hide_factors(u, 0.8, sliced=sliced)
-        assert f.basis.shape[1] == (int(hide_components(u, 0.8)) if sliced else min(n, d))
+        assert f.basis.shape[1] == (int(component_count(u, 0.8)) if sliced else min(n, d))
         # the factored similarity equals the materialised one
         sim = component_image(f, v) @ component_text(f).T
         assert rel(sim, v @ materialize(f).T) <= 1e-12

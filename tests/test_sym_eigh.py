@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import himo_fast
-from himo_fast import pca
+from himo_fast import backends, ops
 from conftest import assert_ran, rel, run_fresh
 
 pytestmark = pytest.mark.skipif("cpu" not in himo_fast.available_backends("cpu"),
@@ -37,7 +37,7 @@ def test_cpu_matches_torch_eigh(dtype, k):
 
 
 def test_opcheck():
-    assert pca.SYM_EIGH_REGISTERED
+    assert ops.REGISTERED
     torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(5, torch.float64),))
     torch.library.opcheck(torch.ops.himo_fast.sym_eigh.default, (_psd(4, torch.float32), "syev_batched"))
 
@@ -51,9 +51,9 @@ def test_bad_input():
         torch.ops.himo_fast.sym_eigh(torch.eye(3), "qr")
 
 
-def test_device_eigh_is_torch_eigh_on_cpu():
+def test_sync_free_eigh_is_torch_eigh_on_cpu():
     a = _psd(9, torch.float64)
-    for x, y in zip(pca.device_eigh(a), torch.linalg.eigh(a)):
+    for x, y in zip(backends.sync_free_eigh(a), torch.linalg.eigh(a)):
         assert torch.equal(x, y)
 
 
@@ -67,7 +67,7 @@ def test_cuda_kernel_without_host_sync(cuda, dtype):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        w, _ = pca.device_eigh(a)
+        w, _ = backends.sync_free_eigh(a)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert rel(w.cpu(), torch.linalg.eigvalsh(a.double().cpu())) <= 1e-5
@@ -82,18 +82,18 @@ def test_cuda_syev_batched_matches_eigh(cuda, dtype):
 
 CAPTURE = """
 import torch
-from himo_fast import pca
+from himo_fast import backends
 x = torch.randn(203, 200, dtype=torch.float64)
 a = (x.T @ x).to("cuda", torch.float32)
-w, _ = pca.device_eigh(a)
+w, _ = backends.sync_free_eigh(a)
 stream = torch.cuda.Stream()
 stream.wait_stream(torch.cuda.current_stream())
 with torch.cuda.stream(stream):
-    pca.device_eigh(a)  # warm-up: handle and workspace outside the capture
+    backends.sync_free_eigh(a)  # warm-up: handle and workspace outside the capture
 torch.cuda.current_stream().wait_stream(stream)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
-    w_g, _ = pca.device_eigh(a)
+    w_g, _ = backends.sync_free_eigh(a)
 graph.replay()
 torch.cuda.synchronize()
 assert ((w_g - w).norm() / w.norm()).item() <= 1e-6

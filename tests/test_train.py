@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from himo_fast import shapes
-from himo_fast.reference import hide_components
+from himo_fast.train import shapes_dataset as shapes
+from himo_fast.reference import component_count
 from himo_fast.train import himo_parser, make_loss
 from conftest import pairs
 
@@ -27,7 +27,7 @@ def test_flags_reach_molo():
     # a changed tau changes the chosen number of components
     _, u = pairs(64, 48, seed=0, requires_grad=False)
     himo99, _ = himo_parser().parse_known_args(["--himo-tau", "0.99"])
-    m = [int(hide_components(u, make_loss(h, oc_args).tau)) for h in (himo, himo99)]
+    m = [int(component_count(u, make_loss(h, oc_args).tau)) for h in (himo, himo99)]
     assert m[0] < m[1]
 
 

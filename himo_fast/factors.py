@@ -1,4 +1,4 @@
-"""HiDe's reconstruction stage, in factored form.
+"""HiDe (centre → PCA → reconstruction) as factors, with its autograd.
 
 The reconstruction u' = X̂Π + ū is kept as factors (Z, B, ū) with u' = Z Bᵀ + 1ūᵀ, where
 B has one column per kept component (pca.factor). Every consumer goes through them:

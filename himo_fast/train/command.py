@@ -23,7 +23,7 @@ import open_clip
 import torch
 
 from .long_text import stretch_model
-from .loss import MoLo
+from ..loss import MoLo
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 

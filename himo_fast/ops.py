@@ -1,0 +1,110 @@
+"""Every torch.library op of himo_fast: the schemas and per-device kernels are in
+csrc/ops.cpp (the dispatcher routes by device); their fake kernels and autograd are here,
+with the Python callables the stages use. Registered at import, so that nothing registers
+while torch.compile traces.
+
+- ``dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing, keep_logits,
+  strip_rows) -> (ce, nll, logits)``: the fused dual InfoNCE (csrc/dual_infonce.h). Each
+  branch is [a_r, b_r] (square) or [a_r, b_r, a_c, b_c]; ce and nll are [4, B] in the
+  scale's dtype (the accumulation dtype: the caller's rule, pca.compute_dtype); logits
+  are the forward's dot products when ``keep_logits`` (the backward then skips their
+  recompute), else empty. The backward forms g·(softmax - y) per logit from the saved
+  nll, so a solved row (one pair) gets exactly zero gradient.
+- ``sym_eigh(a, algorithm) -> (eigenvalues ascending, eigenvectors, info)``: the symmetric
+  eigendecomposition without a host read of the solver's status (cuSOLVER on CUDA).
+
+``REGISTERED`` is False without the compiled extension (the callables then cannot run).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+_LIB = "himo_fast"
+_DUAL_CE_OPTIONS = (0, 0.0, False, 0)  # label_offset, label_smoothing, keep_logits, strip_rows
+
+
+def _logits_shape(global_branch, keep_logits):
+    b = global_branch[0].shape[0]
+    square = len(global_branch) == 2
+    n = b if square else global_branch[2].shape[0]
+    jobs = 1 if square else 2  # GEMMs per branch
+    return (2 * jobs, b, n) if keep_logits else (0,)
+
+
+def _register() -> bool:
+    if _extension.extension() is None:
+        return False
+
+    @torch.library.register_fake(f"{_LIB}::dual_ce")
+    def _(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0,
+          keep_logits=False, strip_rows=0):
+        a = global_branch[0]
+        out = lambda: a.new_empty((4, a.shape[0]), dtype=scale.dtype)
+        return out(), out(), a.new_empty(_logits_shape(global_branch, keep_logits),
+                                         dtype=scale.dtype)
+
+    @torch.library.register_fake(f"{_LIB}::dual_ce_backward")
+    def _(grad_ce, grad_nll, nll, logits, global_branch, comp_branch, scale, label_offset=0,
+          label_smoothing=0.0, strip_rows=0):
+        return ([torch.empty_like(t) for t in global_branch],
+                [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
+
+    def setup_context(ctx, inputs, output):
+        global_branch, comp_branch, scale, *options = inputs
+        options = list(options) + list(_DUAL_CE_OPTIONS[len(options):])
+        ctx.save_for_backward(*global_branch, *comp_branch, scale, output[1], output[2])
+        ctx.mark_non_differentiable(output[2])
+        ctx.counts = (len(global_branch), len(comp_branch))
+        label_offset, label_smoothing, _keep, strip_rows = options
+        ctx.options = (label_offset, label_smoothing, strip_rows)
+
+    def backward(ctx, grad_ce, grad_nll, _grad_logits):
+        if torch.is_grad_enabled():
+            # dual_ce_backward has no derivative of its own: autograd would treat the
+            # gradient as a constant and return a silently wrong second order.
+            raise RuntimeError(
+                "himo_fast: the compiled dual InfoNCE (backends 'cpu', 'cuda', 'triton') has "
+                "no double backward (create_graph=True); use MoLo(backend='reference'), "
+                "whose gradients are differentiable to any order")
+        *saved, nll, logits = ctx.saved_tensors
+        n_global, n_comp = ctx.counts
+        global_branch, comp_branch = saved[:n_global], saved[n_global:n_global + n_comp]
+        scale = saved[-1]
+        ready = lambda g: g.contiguous() if g is not None else torch.zeros_like(nll)
+        d_global, d_comp, d_scale = torch.ops.himo_fast.dual_ce_backward(
+            ready(grad_ce), ready(grad_nll), nll, logits, global_branch, comp_branch, scale,
+            *ctx.options)
+        d_scale = d_scale.to(scale.dtype).reshape(scale.shape)
+        return list(d_global), list(d_comp), d_scale, None, None, None, None
+
+    torch.library.register_autograd(f"{_LIB}::dual_ce", backward, setup_context=setup_context)
+
+    @torch.library.register_fake(f"{_LIB}::sym_eigh")
+    def _(a, algorithm="syevd"):  # eigenvectors column-major, as LAPACK and cuSOLVER write them
+        return (a.new_empty(a.shape[:1]), a.new_empty(a.shape).mT,
+                a.new_empty((), dtype=torch.int32))
+    return True
+
+
+REGISTERED = _register()
+# Whether sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
+SYM_EIGH_ON_CUDA = REGISTERED and _extension.extension().built_with_cusolver()
+
+
+def dual_ce(global_branch, comp_branch, scale, label_offset: int = 0,
+            label_smoothing: float = 0.0, keep_logits: bool = False, strip_rows: int = 0):
+    """(ce, nll), each [4, B]: see the module docstring."""
+    ce, nll, _ = torch.ops.himo_fast.dual_ce(list(global_branch), list(comp_branch), scale,
+                                             label_offset, label_smoothing, keep_logits,
+                                             strip_rows)
+    return ce, nll
+
+
+def sym_eigh(a: torch.Tensor, algorithm: str = "syevd"):
+    """(eigenvalues ascending, eigenvectors) like torch.linalg.eigh, with no host read of
+    the solver's status. A failure can only come from non-finite input, which makes the
+    loss NaN through the reconstruction anyway."""
+    w, v, _ = torch.ops.himo_fast.sym_eigh(a, algorithm)
+    return w, v
