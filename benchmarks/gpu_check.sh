@@ -2,8 +2,10 @@
 # One call on a GPU machine: build, validate, time. Writes benchmarks/results/<date>-<gpu>.txt
 # (and a copy under $OUT when run through the device tool).
 #   bash benchmarks/gpu_check.sh [STAGE ...]
-#   stages: build tests memcheck timing probe_eigh profile_jacobi bench
-#   (bench = bench_hide + bench_losses)
+#   stages: build tests memcheck timing probe_eigh profile_jacobi bench demo train train_step
+#   (bench = bench_hide + bench_losses; demo = python -m himo_fast.demo --preset gpu, its
+#   results.json and curves.png copied next to the results file; train = the training
+#   command end to end, 2 epochs amp_bf16 on the generated dataset)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
 # bare). Each stage has its own time limit, so one that hangs cannot eat the others'. All of
 # them take longer than one 10-minute device command: split them over two or three calls.
@@ -94,6 +96,26 @@ stage_bench_losses() {  # himo_fast vs the authors' loss (eager, compiled), Clip
 
 stage_bench() { stage_bench_hide; stage_bench_losses; }
 
+stage_demo() {  # MoLo vs ClipLoss, paired over seeds, on the GPU preset (DEMO_ARGS: more flags)
+  (cd /tmp && timeout ${DEMO_TIMEOUT:-540} python3 -m himo_fast.demo --preset gpu \
+    --out "$here/${res%.txt}-demo" ${DEMO_ARGS:-} 2>&1 | grep -v "step/s" | tail -20)
+}
+
+stage_train_step() {  # open_clip step with ClipLoss / MoLo / the authors' loss (issue 17's table)
+  (cd /tmp && PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$here/tests" \
+    timeout ${TRAIN_STEP_TIMEOUT:-540} python3 -m himo_fast.bench train-step \
+    --json "$here/${json%.json}-train-step.json" ${TRAIN_STEP_ARGS:-} 2>&1 | grep -v "step/s" | tail -20)
+}
+
+stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generated dataset
+  local data=/tmp/himo_train_data
+  (cd /tmp && python3 -c "from himo_fast.train import shapes_dataset as s; from pathlib import Path; s.write_split(Path('$data'), 'train', 2048, seed=0)" \
+    && timeout 300 python3 -m himo_fast.train --train-data "$data/train.csv" --dataset-type csv \
+      --csv-separator $'\t' --model HiMo-Tiny --batch-size 256 --epochs 2 --lr 1e-3 --warmup 10 \
+      --workers 2 --precision amp_bf16 --device cuda --logs /tmp/himo_train_logs --name gpu-check \
+      --log-every-n-steps 4 2>&1 | grep -E "Train Epoch|Error|error" | tail -12)
+}
+
 {
   echo "# himo_fast GPU check  $stamp"
   echo "command: bash benchmarks/gpu_check.sh ${stages[*]}"
@@ -110,6 +132,8 @@ stage_bench() { stage_bench_hide; stage_bench_losses; }
 } 2>&1 | tee "$res" "$log"
 if [ -n "${OUT:-}" ]; then
   cp "$res" "$OUT/" 2>/dev/null
-  cp "$json" "${json%.json}-hide.json" "${json%.json}-eigh.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
+  cp "$json" "${json%.json}-hide.json" "${json%.json}-eigh.json" "${json%.json}-train-step.json" \
+    "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
+  [ -d "${res%.txt}-demo" ] && cp -r "${res%.txt}-demo" "$OUT/"
 fi
 true

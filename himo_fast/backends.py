@@ -159,9 +159,8 @@ def _build_triton(kind: str):
         return "runs on CPU tensors only under TRITON_INTERPRET=1"
     if kind not in ("cpu", "cuda"):
         return f"runs on cuda tensors (or cpu under TRITON_INTERPRET=1), not {kind}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host.
     # The dual InfoNCE is the compiled one where built, else the reference.

@@ -5,8 +5,9 @@ B has one column per kept component (pca.factor). Every consumer goes through th
 
 - ``materialize``: u' itself (N x d), where a consumer needs it (``himo_fast.hide``, the
   gathered columns of the per-rank recipe).
-- ``component_pair``: the component branch's logits s·v·u'ᵀ = s·[vB, vū]·[Z, 1]ᵀ, a product
-  of width m+1 instead of d. At N=1024, d=768, m≈72 that is a tenth of the FLOPs.
+- ``component_text`` / ``component_image``: the component branch's logits
+  s·v·u'ᵀ = s·[vB, vū]·[Z, 1]ᵀ, a product of width m+1 instead of d. At N=1024, d=768,
+  m≈72 that is a tenth of the FLOPs.
 
 The autograd function returns the factors and back-propagates the exact subspace gradient
 (SPEC section 3) from their gradients alone (pca.factor_backward). Z and B on their own

@@ -52,3 +52,36 @@ def test_recall_known_answers():
     assert metrics.recall_at_k(img, txt3, ks=(1,))["text_to_image_R@1"] == 0.0
     with pytest.raises(ValueError, match="paired"):
         metrics.recall_at_k(img, txt[:3])
+
+
+def test_ragged_scores_and_the_two_methods():
+    ragged = [[0.1, 0.2], [0.3, 0.1, 0.2, 0.4], [1.0, 2.0, 3.0]]  # K = 2, 4, 3
+    rho = [1.0, metrics._pearson(torch.tensor([0.3, 0.1, 0.2, 0.4], dtype=torch.float64)), 1.0]
+    assert metrics.himo_at_k(ragged, method="pearson") == pytest.approx(sum(rho) / 3)
+    assert 0.0 < rho[1] < 1.0
+    with pytest.raises(ValueError, match="method='pearson'"):
+        metrics.himo_at_k(ragged)  # the paper's rule needs one K
+    square = torch.tensor([[0.1, 0.3, 0.2], [0.1, 0.2, 0.3]])
+    assert metrics.himo_at_k(square, method="paper") == 50.0
+    assert metrics.himo_at_k(square, method="pearson") == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics.himo_at_k([r.tolist() for r in square]) == 50.0  # lists like tensors
+    with pytest.raises(ValueError, match="method must be"):
+        metrics.himo_at_k(square, method="spearman")
+    with pytest.raises(ValueError, match=">= 2 scores"):
+        metrics.himo_at_k([[0.1, 0.2], [0.3]], method="pearson")
+
+
+def test_prefix_scores_for_user_prefix_lists():
+    # A toy encoder: each text's features are its word counts of "red" and "circle".
+    encode = lambda texts: torch.tensor([[t.count("red"), t.count("circle")] for t in texts],
+                                        dtype=torch.float64)
+    img = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    lists = [["red", "red circle"], ["circle", "red circle", "red red circle"]]
+    s = metrics.prefix_scores(img, lists, encode)
+    assert [len(r) for r in s] == [2, 3]
+    assert s[0].tolist() == pytest.approx([2 ** -0.5, 1.0])
+    assert s[1].tolist() == pytest.approx([0.0, 2 ** -0.5, 2 / 5 ** 0.5])
+    assert metrics.himo_at_k(s, method="pearson") == pytest.approx(
+        (1.0 + metrics._pearson(s[1])) / 2)
+    with pytest.raises(ValueError, match="2 lists for 1 images"):
+        metrics.prefix_scores(img[:1], lists, encode)

@@ -1,4 +1,6 @@
-"""Benchmark results -> report: ``python -m himo_fast.bench report``.
+"""Benchmark tools: ``python -m himo_fast.bench report`` (results -> report) and
+``python -m himo_fast.bench train-step`` (the cost of MoLo in an open_clip training step,
+himo_fast.train.train_step).
 
 Reads the pytest-benchmark JSON files under ``benchmarks/results/`` (written by
 ``pytest benchmarks/ --benchmark-only --benchmark-json=...``; benchmarks/gpu_check.sh does
@@ -156,7 +158,23 @@ def main(argv=None) -> None:
     r = sub.add_parser("report", help="Markdown table + PNG plot from benchmarks/results/*.json")
     r.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     r.add_argument("--no-png", action="store_true", help="only the Markdown (no matplotlib)")
+    t = sub.add_parser("train-step", help="open_clip training step: ClipLoss vs MoLo vs the authors' loss")
+    t.add_argument("--config", nargs="+", default=None,
+                   help="cpu (default without a GPU) | b16 l14-long b16-max (default on a GPU)")
+    t.add_argument("--loss", nargs="+", default=None, help="clip molo official (default: all)")
+    t.add_argument("--device", default=None)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--json", type=Path, default=None, help="write the rows here")
     a = p.parse_args(argv)
+    if a.command == "train-step":
+        import torch
+
+        from . import train_step
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        configs = a.config or (["b16", "l14-long", "b16-max"] if device.type == "cuda" else ["cpu"])
+        train_step.run(configs, a.loss or list(train_step.LOSSES), device, a.steps, a.warmup, a.json)
+        return
     md, image = report(a.results, png=not a.no_png)
     print(f"wrote {md}" + (f" and {image}" if image else ""))
 

@@ -17,21 +17,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 
-import open_clip
 import torch
 
-from .long_text import stretch_model
+from .._open_clip_configs import register as register_model_configs
 from ..loss import MoLo
-
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-
-
-def register_model_configs() -> None:
-    """Make the package's model configs (HiMo-Tiny) known to open_clip by name."""
-    if "HiMo-Tiny" not in open_clip.list_models():
-        open_clip.add_model_config(CONFIG_DIR)
+from .long_text import stretch_model
 
 
 def himo_parser() -> argparse.ArgumentParser:
