@@ -33,7 +33,7 @@ def test_demo_runs_both_losses_and_writes_its_files(tmp_path, capsys):
     assert sorted(results["runs"]) == ["clip", "molo"]
     for runs in results["runs"].values():
         assert [r["seed"] for r in runs] == [0, 1]
-        assert [h["step"] for h in runs[0]["history"]] == [2, 4]
+        assert [h["step"] for h in runs[0]["history"]] == [0, 2, 4]
         assert all(0.0 <= h["R@1"] <= 100.0 for r in runs for h in r["history"])
     assert set(results["paired_difference"]) == set(demo.METRICS)
     assert (tmp_path / "curves.png").stat().st_size > 10_000

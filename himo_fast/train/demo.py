@@ -117,7 +117,9 @@ def train_run(loss_name: str, seed: int, train, val, a, progress) -> list[dict]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": other, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98))
     order = torch.Generator().manual_seed(seed)  # the same batches for both losses
-    perm, pos, history = torch.randperm(len(tokens), generator=order), 0, []
+    perm, pos = torch.randperm(len(tokens), generator=order), 0
+    # Step 0 too: what the untrained model scores (HiMo@K is far from chance there).
+    history = [{"step": 0, **evaluate(model, tokenizer, *val, a.device)}]
     for step in range(a.steps):
         scale = min(1.0, (step + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
         for group in opt.param_groups:
