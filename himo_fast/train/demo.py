@@ -33,7 +33,7 @@ METRICS = ("R@1", "HiMo@2", "HiMo@3", "HiMo@4")
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-PRESETS = {  # the main job on 2 CPU cores (≈ 8 min), and a larger run for a GPU
+PRESETS = {  # the main job on 2 CPU cores (8 min), and a larger run for a GPU
     "cpu": dict(device="cpu", model="HiMo-Demo", train_size=8192, val_size=256, steps=160,
                 batch_size=128, eval_every=32, seeds=[0, 1, 2, 3, 4]),
     "gpu": dict(device="cuda", model="HiMo-Tiny", train_size=65536, val_size=1024, steps=2000,
@@ -237,17 +237,17 @@ def main(argv=None):
              for loss, runs in results["runs"].items()}
     print(f"\nheld-out after {a.steps} steps, mean over {len(a.seeds)} seeds "
           "(R@1, HiMo@2/3 in %, HiMo@4 a correlation):")
-    print(f"{'':<18}" + "".join(f"{k:>15}" for k in METRICS))
-    print(f"{'chance':<18}" + "".join(f"{chance[k]:>15.2f}" for k in METRICS))
+    print(f"{'':<18}" + "".join(f"{k:>17}" for k in METRICS))
+    print(f"{'chance':<18}" + "".join(f"{chance[k]:>17.2f}" for k in METRICS))
     for loss in a.losses:
         label = {"molo": "MoLo", "clip": "ClipLoss"}[loss]
-        print(f"{label:<18}" + "".join(f"{statistics.mean(final[loss][k]):>15.2f}" for k in METRICS))
+        print(f"{label:<18}" + "".join(f"{statistics.mean(final[loss][k]):>17.2f}" for k in METRICS))
     if set(a.losses) == {"molo", "clip"}:
         diffs = {k: paired(final["molo"][k], final["clip"][k]) for k in METRICS}
         results["paired_difference"] = diffs
-        print(f"{'MoLo - ClipLoss':<18}" + "".join(f"{diffs[k]['mean']:>+15.2f}" for k in METRICS))
+        print(f"{'MoLo - ClipLoss':<18}" + "".join(f"{diffs[k]['mean']:>+17.2f}" for k in METRICS))
         interval = lambda ci: f"[{ci['low']:+.2f}, {ci['high']:+.2f}]"
-        print(f"{'  95% interval':<18}" + "".join(f"{interval(diffs[k]):>15}" for k in METRICS))
+        print(f"{'  95% interval':<18}" + "".join(f"{interval(diffs[k]):>17}" for k in METRICS))
         print("conclusion: " + "; ".join(f"{k}: {verdict(diffs[k])}" for k in METRICS))
     results["seconds"] = time.time() - start
     a.out.mkdir(parents=True, exist_ok=True)
