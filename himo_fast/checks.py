@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from .pca import compute_dtype
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 PCA_SCOPES = ("local", "global")
 
@@ -90,8 +92,7 @@ def check_scalar_tensor(name, t, features):
     """The scale or bias as a tensor: a tensor as given (0-d or one element, on the
     features' device), or a Python real number, as open_clip's ClipLoss accepts."""
     if isinstance(t, numbers.Real) and not isinstance(t, bool):
-        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-        return torch.tensor(float(t), dtype=dtype, device=features.device)
+        return torch.tensor(float(t), dtype=compute_dtype(features.dtype), device=features.device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor (0-d or 1 element) or a real number, "
                         f"got {type(t).__name__}")

@@ -60,7 +60,7 @@ def check_ranks(*, rank: int, world_size: int, features: torch.Tensor, config: t
     and every rank has the same batch size, width, dtype and loss configuration. A
     mismatch raises the same ValueError on every rank; gloo would otherwise abort the
     process ("Received data size doesn't match") or the ranks compute different
-    objectives silently. Costs one all_gather of 5 integers on the host."""
+    objectives silently. Costs one all_gather of 4 integers on the host."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"world_size={world_size} but no torch.distributed process group is "
                          "initialised (call torch.distributed.init_process_group first)")
@@ -68,7 +68,7 @@ def check_ranks(*, rank: int, world_size: int, features: torch.Tensor, config: t
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with the process group "
                          f"(rank {dist.get_rank()} of {dist.get_world_size()})")
     mine = torch.tensor([features.shape[0], features.shape[1], _DTYPE_CODES[features.dtype],
-                         _config_code(config), 0], dtype=torch.int64)
+                         _config_code(config)], dtype=torch.int64)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine, group=_host_group())
     every = torch.stack(every)

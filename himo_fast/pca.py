@@ -127,14 +127,22 @@ def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
     """
     n, d = x.shape
     gram = n <= d
-    small = small_matrix(x.to(PCA_DTYPE), gram)
-    # eigh fails on non-finite input; NaN features still reach the loss through the
-    # reconstruction product below, so the result is NaN, never a silent number.
-    small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
+    small = _finite(small_matrix(x.to(PCA_DTYPE), gram))
     if partial:
         sub = _partial_subspace(small, tau, gram, warm)
         if sub is not None:
             return sub
+    return full_subspace(small, tau, gram, eigh)
+
+
+def _finite(small: torch.Tensor) -> torch.Tensor:
+    # eigh fails on non-finite input; NaN features still reach the loss through the
+    # reconstruction product, so the result is NaN, never a silent number.
+    return torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def full_subspace(small: torch.Tensor, tau: float, gram: bool, eigh=torch.linalg.eigh) -> Subspace:
+    """The Subspace of the small matrix from its full eigendecomposition, with the cutoff."""
     eigvals, basis = eigh(small)
     eigvals = eigvals.flip(0).clamp(min=0)
     basis = basis.flip(1)
@@ -308,13 +316,12 @@ class _EighAtCutoff(torch.autograd.Function):
 
 def differentiable_subspace(x: torch.Tensor, tau: float) -> Subspace:
     """principal_subspace(x, tau) (full eigh) as a differentiable function of x, to any
-    order: slower than the fused first-order path, used where a graph of the gradient is
-    asked for (create_graph=True)."""
+    order (the reference backend): slower than the fused first-order path."""
     n, d = x.shape
     gram = n <= d
-    with torch.no_grad():
-        sub = principal_subspace(x.detach(), tau)
     x64 = x.to(PCA_DTYPE)
     small = x64 @ x64.T if gram else x64.T @ x64
+    with torch.no_grad():
+        sub = full_subspace(_finite(small), tau, gram)
     eigvals, basis = _EighAtCutoff.apply(small, sub.eigvals, sub.basis, sub.keep)
     return Subspace(basis, eigvals, sub.keep, sub.m, gram)
