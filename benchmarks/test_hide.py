@@ -1,12 +1,10 @@
 """HiDe alone, forward+backward: each backend's HiDe against the authors' SVD-based one
 (issue 4), at the paper's per-rank batch (N=128) and at N=1024, d=768.
 
-On a GPU every backend runs (``triton``: the kernels of himo_fast.kernels with subspace
-iteration; ``cuda``/``reference``: torch's eigh on the small matrix). On the CPU the Triton
-interpreter is far too slow to time, so only the compiled-free torch paths run.
-``subspace_iteration``: torch's products with the partial eigensolver
-(himo_fast/subspace_iteration.py) instead of the full eigh, on either device, so that the
-two eigensolvers are compared side by side. HIMO_BENCH_QUICK=1 shrinks d.
+On a GPU every backend runs (``triton``: the kernels of himo_fast.kernels; ``cuda``/
+``reference``: torch's products; each with the eigensolver backends.py picks). On the CPU
+the Triton interpreter is far too slow to time, so only the compiled-free torch paths run.
+HIMO_BENCH_QUICK=1 shrinks d.
 """
 import os
 
@@ -14,7 +12,6 @@ import pytest
 import torch
 
 import himo_fast
-from himo_fast.factors import hide_factors, materialize
 from himo_fast.synthetic import clip_like_pairs
 from official import official_hide
 
@@ -23,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = 64 if QUICK else 768
 SIZES = [32, 96] if QUICK else [128, 1024]
 BACKENDS = [b for b in himo_fast.available_backends(DEVICE) if DEVICE == "cuda" or b != "triton"]
-IMPLS = ["official_svd"] + BACKENDS + ["subspace_iteration"]
+IMPLS = ["official_svd"] + BACKENDS
 
 
 def _sync():
@@ -40,8 +37,6 @@ def test_hide_forward_backward(benchmark, n, impl):
     weight = torch.randn(n, D, device=DEVICE)  # a fixed upstream gradient
     if impl == "official_svd":
         fn = lambda u: official_hide(u, 0.9)
-    elif impl == "subspace_iteration":
-        fn = lambda u: materialize(hide_factors(u, 0.9, sliced=DEVICE == "cpu", partial=True))
     else:
         fn = lambda u: himo_fast.hide(u, 0.9, backend=impl)
     state = {"i": 0}

@@ -34,11 +34,11 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _inputs(B, N, dtype):
+def _inputs(B, N, dtype, d=None):
     sets = []
     g = torch.Generator().manual_seed(0)
     for _ in range(ROTATE):
-        v, u = clip_like_pairs(N, D, dtype, DEVICE, g)
+        v, u = clip_like_pairs(N, d or D, dtype, DEVICE, g)
         # this rank's rows are the last slice of the gathered batch (label offset N - B)
         rows = [t[N - B:].clone().requires_grad_() for t in (v, u)]
         # The other ranks' components arrive by all_gather on a real rank: computed here,
@@ -88,9 +88,41 @@ def _clip(B, N, eps=0.0):
     return step
 
 
+def _inf_cl(B, N, both_branches=False):
+    """Inf-CL (the field's memory-efficient contrastive loss, Triton, CUDA only). Its
+    ``cal_inf_loss(q, k)`` is one direction (rows q against columns k), so a symmetric
+    branch is two calls: ``inf_cl`` = the global branch (ClipLoss's objective, 2 calls),
+    ``inf_cl_dual`` = both of MoLo's branches on the same inputs (4 calls; the component
+    branch's texts are the other ranks' components plus this rank's HiDe, as for MoLo)."""
+    from inf_cl import cal_inf_loss
+    impl = backends.select("auto", DEVICE)
+
+    def symmetric(rows_v, rows_t, all_v, all_t, s):
+        if B == N:
+            return 0.5 * (cal_inf_loss(rows_v, rows_t, scale=s) + cal_inf_loss(rows_t, rows_v, scale=s))
+        # B local rows against N gathered columns: the labels are this rank's slice.
+        labels = torch.arange(N - B, N, device=rows_v.device)
+        return 0.5 * (cal_inf_loss(rows_v, all_t, labels=labels, scale=s)
+                      + cal_inf_loss(rows_t, all_v, labels=labels, scale=s))
+
+    def step(rows, v, u, others, s):
+        vl, ul = rows
+        all_v = torch.cat([v[: N - B], vl]) if N > B else vl
+        all_u = torch.cat([u[: N - B], ul]) if N > B else ul
+        loss = symmetric(vl, ul, all_v, all_u, s)
+        if both_branches:
+            comp = materialize(impl.hide_factors(ul, 0.9)).to(vl.dtype)
+            all_c = torch.cat([others.to(vl.dtype), comp]) if N > B else comp
+            loss = loss + symmetric(vl, comp, all_v, all_c, s)
+        return loss
+    return step
+
+
 IMPLS = {"himo_fast": _himo, "official": _official, "clip_loss": _clip}
 if DEVICE == "cuda":
     IMPLS["official_compiled"] = lambda B, N: torch.compile(_official(B, N))
+    IMPLS["inf_cl"] = _inf_cl
+    IMPLS["inf_cl_dual"] = lambda B, N: _inf_cl(B, N, both_branches=True)
 
 
 def _peak_extra(fn):
@@ -117,7 +149,9 @@ def test_forward_backward(benchmark, workload, impl):
     name, B, N = workload
     benchmark.group = f"{name} B={B} N={N} d={D} {DEVICE}"
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    if impl != "himo_fast" and N > 65536:
+    if impl.startswith("inf_cl"):
+        pytest.importorskip("inf_cl", reason="inf_cl travels as a wheel to the GPU machine")
+    elif impl != "himo_fast" and N > 65536:
         pytest.skip(f"{impl} materialises N x N logits: out of memory at N={N} by construction")
     sets = _inputs(B, N, dtype)
     s = torch.tensor(100.0, device=DEVICE, requires_grad=True)

@@ -80,8 +80,7 @@ def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, s
 def _hide_cpu(u, tau):
     # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
     # component branch then has width m+1). Under torch.compile the fixed-size masked
-    # factors keep the graph free of data-dependent shapes. The full eigh, not subspace
-    # iteration: on 2 cores MKL's eigh wins at every measured size (benchmarks/README.md).
+    # factors keep the graph free of data-dependent shapes.
     return hide_factors(u, tau, sliced=not torch.compiler.is_compiling())
 
 

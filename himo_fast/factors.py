@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .pca import (Complement, Subspace, Split, centring_backward, compute_dtype,
+from .pca import (Subspace, Split, centring_backward, compute_dtype,
                   differentiable_subspace, factor,
                   factor_backward, gram_or_cov, principal_subspace, split)
 
@@ -57,24 +57,21 @@ class Factors(NamedTuple):
 
 class _HiDeFactors(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps, partial: bool):
+    def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
         mean, x = ops.centre(u)
-        sub = principal_subspace(x, tau, ops.small_matrix, partial, eigh=ops.eigh)
+        sub = principal_subspace(x, tau, ops.small_matrix, eigh=ops.eigh)
         parts = split(sub, sliced)
         z, b = factor(x, sub, parts, ops.product)
         empty = x.new_empty(0)
         across = parts.across if parts.across is not None else empty
-        comp = sub.complement
         ctx.save_for_backward(x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept,
-                              parts.lam_rest, across, z, b,
-                              comp.matrix if comp else empty)
+                              parts.lam_rest, across, z, b)
         ctx.gram = sub.gram
-        ctx.ratio = comp.ratio if comp else None
         return z, b, mean
 
     @staticmethod
     def backward(ctx, grad_z, grad_b, grad_mean):
-        x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, matrix = ctx.saved_tensors
+        x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: this fused backward is exact for consumers of Z Bᵀ, but
             # not itself differentiable; autograd would differentiate it as a constant.
@@ -83,13 +80,12 @@ class _HiDeFactors(torch.autograd.Function):
                 "double backward (create_graph=True); use backend='reference', whose "
                 "gradients are differentiable to any order")
         sub = Subspace(None, eigvals, None, None, ctx.gram)
-        comp = Complement(matrix, ctx.ratio) if ctx.ratio is not None else None
-        parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None, comp)
+        parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
         grad_z = torch.zeros_like(z) if grad_z is None else grad_z
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b
         grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
         grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
-        return centring_backward(grad_x, grad_mean), None, None, None, None
+        return centring_backward(grad_x, grad_mean), None, None, None
 
 
 def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
@@ -105,12 +101,11 @@ def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,
-                 ops: HiDeOps = TORCH_OPS, partial: bool = False) -> Factors:
+                 ops: HiDeOps = TORCH_OPS) -> Factors:
     """HiDe as factors, in at least float32. ``sliced``: exact-size factors (reads m, a
-    host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask.
-    ``partial``: top eigenpairs by subspace iteration where that pays (pca.principal_subspace)."""
+    host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask."""
     u = text_features.to(compute_dtype(text_features.dtype))
-    return Factors(*_HiDeFactors.apply(u, tau, sliced, ops, partial), ops)
+    return Factors(*_HiDeFactors.apply(u, tau, sliced, ops), ops)
 
 
 def materialize(f: Factors) -> torch.Tensor:

@@ -8,19 +8,15 @@ eigenvalues, and the reconstruction is the same projection seen from either side
     gram space:  u' - ū = P_U X     (P_U projects onto the top-m eigenvectors of X Xᵀ)
     cov space:   u' - ū = X P_V     (P_V projects onto the top-m eigenvectors of Xᵀ X)
 
-The small matrix is decomposed in full (``torch.linalg.eigh``), or, where that is the
-cost that matters (``partial=True``: a large small side), only its top r eigenpairs are
-computed by subspace iteration (subspace_iteration.py) and the rest of the space is
-handled implicitly (the gradient's complement term). No division by a singular value is
-ever needed. The cutoff m is a tensor and the kept set a mask over the fixed-size basis.
+The small matrix is decomposed in full (the eigensolver is chosen by backends.py). No
+division by a singular value is ever needed. The cutoff m is a tensor and the kept set a
+mask over the fixed-size basis.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-
-from .subspace_iteration import deflated_resolvent, start_block, top_eigenpairs
 
 # Variance floor in the explained-variance ratio (the authors' max(Σλ, 1e-8)).
 TOTAL_VARIANCE_FLOOR = 1e-8
@@ -29,21 +25,6 @@ TOTAL_VARIANCE_FLOOR = 1e-8
 # (undefined) eigenvectors never enter the gradient. The same bound clamps the gap
 # λ_i - λ_j for pairs across the cutoff.
 RELATIVE_ZERO = 32.0
-# Partial eigensolver policy: the block must reach below the cutoff with θ_r <= MAX_RATIO·θ_m
-# (else it doubles); blocks of half the matrix or more are not worth it (full eigh).
-MAX_RATIO = 0.7
-# Small sides are decomposed in full whatever is asked: eigh of 128² costs 1.2 ms on the
-# CPU, less than one failed block (measured, benchmarks/README.md).
-PARTIAL_MIN_SIZE = 256
-
-
-class Complement(NamedTuple):
-    """What a partial basis leaves out, for the gradient: the eigenspaces of ``matrix``
-    outside the block, whose eigenvalues are at most ratio·θ_m."""
-
-    matrix: torch.Tensor  # (k, k) the small matrix
-    ratio: float
-
 
 class Subspace(NamedTuple):
     """Eigendecomposition of the small side of a centred batch, with the cutoff applied."""
@@ -53,7 +34,6 @@ class Subspace(NamedTuple):
     keep: torch.Tensor  # (k,) bool: inside the top-m subspace and numerically non-zero
     m: torch.Tensor  # () int64: the chosen number of components (the authors' m)
     gram: bool  # True: basis lives in sample space (k = N); False: feature space (k = d)
-    complement: Complement | None = None  # None: the basis is complete (k columns)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -113,25 +93,14 @@ def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
 
 
 def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
-                       partial: bool = False, warm: torch.Tensor | None = None,
                        eigh=torch.linalg.eigh) -> Subspace:
     """Eigendecomposition of the smaller of Gram / covariance of centred x
     (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre).
-
-    ``partial``: the top eigenpairs only, by subspace iteration, where that pays; the
-    policy (block size, growth, full fallback) reads the block's Ritz values on the host,
-    which is free on a CPU and a sync on a GPU. ``warm``: a previous basis to start from.
     ``eigh``: the full decomposition (backends.py picks it per device: a sync-free one on
-    GPUs).
-    The chosen m is the exact one either way (tests/test_subspace_iteration.py).
-    """
+    GPUs)."""
     n, d = x.shape
     gram = n <= d
     small = _finite(small_matrix(x.to(PCA_DTYPE), gram))
-    if partial:
-        sub = _partial_subspace(small, tau, gram, warm)
-        if sub is not None:
-            return sub
     return full_subspace(small, tau, gram, eigh)
 
 
@@ -151,40 +120,6 @@ def full_subspace(small: torch.Tensor, tau: float, gram: bool, eigh=torch.linalg
     return Subspace(basis, eigvals, keep, m, gram)
 
 
-def first_block_size(k: int, warm: torch.Tensor | None) -> int:
-    """r ≈ 2m + 16: twice the previous cutoff when warm, else a tenth of the space as the
-    guess for m (CLIP-like spectra: 38 of 128, 72 of 768)."""
-    m_guess = warm.shape[1] // 2 if warm is not None else k // 10
-    return max(32, 2 * m_guess + 16)
-
-
-def _partial_subspace(small: torch.Tensor, tau: float, gram: bool, warm) -> Subspace | None:
-    """Top eigenpairs of ``small`` by subspace iteration, the block doubled until it
-    reaches below the cutoff with a gap (θ_r <= MAX_RATIO·θ_m) and converges; None when
-    the block would be half the matrix or more (a full eigh is then as cheap)."""
-    k = small.shape[0]
-    if k < PARTIAL_MIN_SIZE:
-        return None
-    total = small.diagonal().sum()  # the exact total variance, whatever the block holds
-
-    def cut(theta):
-        return int(cutoff_from_eigvals(theta, tau, total)[0])
-
-    largest = (k - 1) // 2
-    r = min(first_block_size(k, warm), largest)
-    while r >= 2:
-        found = top_eigenpairs(small, r, cut, MAX_RATIO, start=start_block(k, r, small, warm))
-        if found is not None:
-            theta, block, ratio = found
-            m, inside = cutoff_from_eigvals(theta, tau, total)
-            keep = inside & (theta > numerical_zero(theta))
-            return Subspace(block, theta, keep, m, gram, Complement(small, ratio))
-        if r == largest:
-            return None
-        r = min(2 * r, largest)
-    return None
-
-
 class Split(NamedTuple):
     """The basis cut in two at the cutoff: kept and rest (every other direction)."""
 
@@ -193,7 +128,6 @@ class Split(NamedTuple):
     lam_kept: torch.Tensor  # (a,)
     lam_rest: torch.Tensor  # (r,)
     across: torch.Tensor | None  # (a, r) 1 where (kept, rest) is a real pair; None: all are
-    complement: Complement | None = None  # directions in neither block (partial basis)
 
 
 def split(sub: Subspace, sliced: bool) -> Split:
@@ -203,10 +137,10 @@ def split(sub: Subspace, sliced: bool) -> Split:
         kept_idx = sub.keep.nonzero().squeeze(1)
         rest_idx = (~sub.keep).nonzero().squeeze(1)
         return Split(sub.basis[:, kept_idx], sub.basis[:, rest_idx], sub.eigvals[kept_idx],
-                     sub.eigvals[rest_idx], None, sub.complement)
+                     sub.eigvals[rest_idx], None)
     keep_f = sub.keep.to(sub.basis.dtype)
     return Split(sub.basis * keep_f, sub.basis * (1.0 - keep_f), sub.eigvals, sub.eigvals,
-                 keep_f[:, None] * (1.0 - keep_f)[None, :], sub.complement)
+                 keep_f[:, None] * (1.0 - keep_f)[None, :])
 
 
 def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul):
@@ -235,9 +169,7 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     The gap is clamped (ties across the cutoff give a finite gradient, never NaN).
 
     Column i of W = rest Kᵀ is Σ_j rest_j (rest_jᵀ S v_i)/(λ_i − λ_j), the resolvent
-    (λ_i − A)⁻¹ on the rest applied to S v_i. With a partial basis the rest is only partly
-    known, so that resolvent is solved on the complement of the kept vectors instead
-    (deflated by the block's other Ritz vectors; no further eigenvectors needed).
+    (λ_i − A)⁻¹ on the rest applied to S v_i.
 
     Computed in the basis' dtype (PCA_DTYPE: the products with the basis and the division
     by the gaps are where float32 loses the gradient at high τ), returned in x's.
@@ -250,16 +182,11 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
         s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
     else:
         s_kept = 0.5 * (x.T @ grad_z + grad_b)  # S V_m
-    if parts.complement is None:
-        gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
-        k12 = (parts.rest.T @ s_kept).T / gap
-        if parts.across is not None:
-            k12 = k12 * parts.across
-        w = parts.rest @ k12.T
-    else:  # the rest is the block's other Ritz vectors plus everything outside the block
-        c = parts.complement
-        w = deflated_resolvent(c.matrix, parts.kept, parts.lam_kept, parts.rest,
-                               parts.lam_rest, s_kept, c.ratio, floor)
+    gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
+    k12 = (parts.rest.T @ s_kept).T / gap
+    if parts.across is not None:
+        k12 = k12 * parts.across
+    w = parts.rest @ k12.T
     # Grouped so that the last product has width 2a (one GEMM, not three of width a).
     if sub.gram:
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).

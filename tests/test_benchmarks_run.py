@@ -40,3 +40,20 @@ def test_eigh_probe_runs(tmp_path):
     for r in rows:
         assert r["eig_err"] <= 1e-5 and r["residual"] <= 1e-5 and r["ms"] > 0, r
         assert (r["syncs"] is None) == (r["device"] == "cpu")
+
+
+def test_goal_tables_run(tmp_path):
+    # benchmarks/goals.py measures issues 15/16's goal tables on a GPU; --quick on the CPU:
+    # every row is there, with a number or with what it needs (CUDA, inf_cl).
+    import json
+    script = Path(__file__).parent.parent / "benchmarks" / "goals.py"
+    for table, rows_expected in (("hide", 6), ("infonce", 5)):
+        out = subprocess.run([sys.executable, str(script), table, "--quick", "--json",
+                              str(tmp_path / f"{table}.json")],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        rows = json.loads((tmp_path / f"{table}.json").read_text())["rows"]
+        assert len(rows) == rows_expected, rows
+        for r in rows:
+            assert (r["value"] is None) == bool(r["note"].startswith("needs")), r
+            assert r["value"] is None or r["value"] >= 0, r

@@ -11,12 +11,11 @@ TOL = {torch.float64: 1e-8, torch.float32: 2e-4}
 
 
 def _grads(fn, v, u, s):
-    for t in (v, u, s):
-        t.grad = None
+    v, u, s = (t.detach().clone().requires_grad_() for t in (v, u, s))
     out = fn(v, u, s)
     total = out[0] + out[1]
     total.backward()
-    return [total.detach()] + [t.grad.clone() for t in (v, u, s)]
+    return [total.detach()] + [t.grad for t in (v, u, s)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -28,7 +27,10 @@ def test_loss_matches_official(dtype, n, d, tau, lam, eps):
     s = torch.tensor(14.0, dtype=dtype, requires_grad=True)
     ours = _grads(lambda a, b, c: list(himo_fast.MoLo(tau=tau, lam=lam, label_smoothing=eps,
                                                        backend="reference")(a, b, c, output_dict=True).values()), v, u, s)
-    ref = _grads(lambda a, b, c: official_loss(a, b, c, tau=tau, lam=lam, eps=eps), v, u, s)
+    # Against the authors' loss in float64: their own float32 result is off by up to 2e-4
+    # on some inputs (N=128, d=96, seed 42: 2.1e-4 against float64; ours 6.7e-6).
+    ref = _grads(lambda a, b, c: official_loss(a, b, c, tau=tau, lam=lam, eps=eps),
+                 v.double(), u.double(), s.double())
     assert loss_rel(ours[0], ref[0]) <= TOL[dtype]
     for a, b in zip(ours[1:], ref[1:]):
         assert torch.isfinite(a).all()

@@ -1,0 +1,256 @@
+"""The goal tables of the GPU speed issues, measured in one call per table.
+
+    python benchmarks/goals.py hide     # issue 15: HiDe's eigensolver path on an H100
+    python benchmarks/goals.py infonce  # issue 16: the dual InfoNCE at large N (with Inf-CL)
+    ... --json FILE                     # the rows as JSON too (gpu_check.sh: goals_* stages)
+    ... --quick                         # small shapes (CI runs this on the CPU, so it cannot rot)
+
+Each row: what is measured, the value, the goal and whether it is met; a row that needs what
+this machine lacks (CUDA, inf_cl) says so instead of a number. Times are medians of forward
++ backward after warm-up, the device synchronised around each; ratios are taken in the same
+run. Run it with the installed package (from another folder than the repo root).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
+
+import himo_fast  # noqa: E402
+from himo_fast import backends  # noqa: E402
+from himo_fast.factors import materialize  # noqa: E402
+from official import official_hide  # noqa: E402
+import test_losses as losses  # noqa: E402  (the workloads' step builders, shared)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by device name.
+BF16_PEAK = {"H100": 989.4, "H200": 989.4}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def median_ms(step, rounds: int) -> float:
+    step()  # warm-up: compile, handles, workspaces
+    _sync()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def row(measure, value, goal, met, unit="", note=""):
+    return dict(measure=measure, value=value, unit=unit, goal=goal, met=met, note=note)
+
+
+def missing(measure, goal, why):
+    return row(measure, None, goal, None, note=why)
+
+
+def loss_step(impl_name, B, N, d, dtype):
+    """A forward+backward closure of one loss workload of benchmarks/test_losses.py."""
+    sets = losses._inputs(B, N, dtype, d)
+    s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+    fn = losses.IMPLS[impl_name](B, N)
+    state = {"i": 0}
+
+    def step():
+        rows, v, u, others = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        for t in (*rows, s):
+            t.grad = None
+        fn(rows, v, u, others, s).backward()
+    return step
+
+
+def hide_step(fn, n, d):
+    g = torch.Generator().manual_seed(0)
+    sets = [losses.clip_like_pairs(n, d, torch.float32, DEVICE, g)[1].requires_grad_()
+            for _ in range(3)]
+    weight = torch.randn(n, d, device=DEVICE)
+    state = {"i": 0}
+
+    def step():
+        u = sets[state["i"] % 3]
+        state["i"] += 1
+        u.grad = None
+        (fn(u) * weight).sum().backward()
+    return step
+
+
+def host_syncs(step) -> int:
+    """Host synchronisations torch reports during one call (set_sync_debug_mode('warn'))."""
+    step()
+    _sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def hide_table(quick: bool, rounds: int):
+    d = 64 if quick else 768
+    small, large = (32, 96) if quick else (128, 1024)
+    rows = []
+    for n, goal in ((small, 0.25), (large, 1.5)):
+        ours = median_ms(hide_step(lambda u: himo_fast.hide(u, 0.9), n, d), rounds)
+        svd = median_ms(hide_step(lambda u: official_hide(u, 0.9), n, d), rounds)
+        rows.append(row(f"HiDe fwd+bwd, N={n}, d={d} (auto: {backends.select('auto', DEVICE).name})",
+                        ours, f"<= {goal} ms", ours <= goal, "ms",
+                        f"authors' SVD HiDe {svd:.3f} ms ({svd / ours:.1f}x)"))
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    b, cols = (16, 128) if quick else (128, 1024)
+    for name, (B, N), goal in (("paper-rank", (b, cols), 30.0), ("single-1k", (cols, cols), 20.0)):
+        ours = median_ms(loss_step("himo_fast", B, N, d, dtype), rounds)
+        theirs = median_ms(loss_step("official", B, N, d, dtype), rounds)
+        rows.append(row(f"{name} MoLo (B={B} vs N={N}, d={d}) vs the authors' loss",
+                        theirs / ours, f">= {goal}x", theirs / ours >= goal, "x",
+                        f"{ours:.3f} ms vs {theirs:.3f} ms"))
+    graph_goal = "<= 1.0x eager"
+    if CUDA:
+        from himo_fast.train import step_timing
+        a = SimpleNamespace(n=cols, d=d, steps=max(rounds, 3), device="cuda", tau=0.9)
+        loss = himo_fast.MoLo(backend="triton")
+        scale = torch.tensor(100.0, device="cuda", requires_grad=True)
+        med = {}
+        for kind, steps in (("eager", step_timing._eager_steps), ("graph", step_timing._graph_steps)):
+            _, _, times = steps(loss, a, torch.bfloat16, scale, torch.Generator().manual_seed(0))
+            med[kind] = statistics.median(times[1:]) * 1e3
+        ratio = med["graph"] / med["eager"]
+        rows.append(row(f"CUDA-graph step vs eager, N={cols}, d={d}, bf16 (triton)", ratio,
+                        graph_goal, ratio <= 1.0, "x",
+                        f"graph {med['graph']:.2f} ms, eager {med['eager']:.2f} ms"))
+        syncs = host_syncs(loss_step("himo_fast", cols, cols, d, dtype))
+        rows.append(row("host syncs in a MoLo step (auto backend, set_sync_debug_mode)", syncs,
+                        "0", syncs == 0))
+    else:
+        rows.append(missing("CUDA-graph step vs eager", graph_goal, "needs CUDA"))
+        rows.append(missing("host syncs in a MoLo step", "0", "needs CUDA"))
+    return rows
+
+
+def peak_extra_bytes(step, inputs_and_grads: int) -> int:
+    """Allocator peak of one call beyond what was allocated before it and the gradients."""
+    step()
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    _sync()
+    return torch.cuda.max_memory_allocated() - base - inputs_and_grads
+
+
+def infonce_table(quick: bool, rounds: int):
+    d = 64 if quick else 768
+    n = 256 if quick else 65536
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    rows = []
+    ours = median_ms(loss_step("himo_fast", n, n, d, dtype), rounds)
+    clip = median_ms(loss_step("clip_loss", n, n, d, dtype), rounds)
+    rows.append(row(f"N={n}, d={d}: MoLo vs ClipLoss (one branch)", ours / clip, "<= 1.0x",
+                    ours / clip <= 1.0, "x", f"{ours:.2f} ms vs {clip:.2f} ms"))
+    try:
+        import inf_cl  # noqa: F401
+        have_inf_cl = CUDA
+    except ImportError:
+        have_inf_cl = False
+    if have_inf_cl:
+        inf = median_ms(loss_step("inf_cl", n, n, d, dtype), rounds)
+        rows.append(row(f"N={n}: MoLo vs Inf-CL (one branch)", ours / inf, "<= 1.3x",
+                        ours / inf <= 1.3, "x", f"{ours:.2f} ms vs {inf:.2f} ms"))
+    else:
+        rows.append(missing(f"N={n}: MoLo vs Inf-CL (one branch)", "<= 1.3x",
+                            "needs CUDA and the inf_cl wheel"))
+    # Useful FLOPs: per branch one logit product forward and two backward (2·N²·width
+    # each; a recompute is not useful work); the component branch at width m+1.
+    m = int(himo_fast.reference.component_count(losses._inputs(n, n, torch.float32, d)[0][2].cpu(), 0.9))
+    flops = 3 * 2 * n * n * (d + m + 1)
+    tflops = flops / (ours * 1e-3) / 1e12
+    peak = next((p for k, p in BF16_PEAK.items() if CUDA and k in torch.cuda.get_device_name()), None)
+    rows.append(row(f"useful throughput at N={n} (m={m})", tflops, ">= 50% of dense bf16 peak",
+                    None if peak is None else tflops >= 0.5 * peak, "TFLOP/s",
+                    "" if peak is None else f"{100 * tflops / peak:.0f}% of {peak} TFLOP/s"))
+    big = 1024 if quick else 262144
+    if CUDA:
+        step = loss_step("himo_fast", big, big, d, dtype)
+        grads = 2 * big * d * torch.finfo(dtype).bits // 8
+        try:
+            extra = peak_extra_bytes(step, grads) / 2**30
+            rows.append(row(f"N={big}: extra memory beyond inputs and gradients", extra,
+                            "<= 2 GiB, and it runs", extra <= 2.0, "GiB"))
+        except torch.cuda.OutOfMemoryError:
+            rows.append(row(f"N={big}: extra memory", None, "<= 2 GiB, and it runs", False,
+                            note="out of memory"))
+    else:
+        rows.append(missing(f"N={big}: extra memory beyond inputs and gradients",
+                            "<= 2 GiB, and it runs", "needs CUDA (allocator statistics)"))
+    b, cols = (16, 128) if quick else (128, 1024)
+    impl = backends.select("auto", DEVICE)
+    (vl, ul), v, u, others = losses._inputs(b, cols, dtype, d)[0]
+    comp = materialize(impl.hide_factors(ul, 0.9)).to(dtype).detach().requires_grad_()
+    all_v, all_u = torch.cat([v[: cols - b], vl]), torch.cat([u[: cols - b], ul])
+    all_c = torch.cat([others.to(dtype), comp])
+    s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+
+    def infonce():
+        g, c = impl.dual_infonce(((vl, ul), (vl, comp)), ((all_v, all_u), (all_v, all_c)), s,
+                                 cols - b, 0.1)
+        (g + c).backward()
+    t = median_ms(infonce, rounds)
+    rows.append(row(f"paper-rank InfoNCE part ({b} x {cols}, both branches)", t, "<= 0.1 ms",
+                    t <= 0.1, "ms"))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("table", choices=["hide", "infonce"])
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="timed runs per measure (median)")
+    p.add_argument("--json", help="write the rows here too")
+    a = p.parse_args(argv)
+    rounds = a.rounds or (2 if a.quick else 10)
+    info = dict(table=a.table, quick=a.quick, device=torch.cuda.get_device_name() if CUDA else "cpu",
+                torch=torch.__version__, cuda=torch.version.cuda,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                command=" ".join(["python benchmarks/goals.py"] + (argv or sys.argv[1:])))
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rows = (hide_table if a.table == "hide" else infonce_table)(a.quick, rounds)
+    print(json.dumps(info))
+    print(f"{'measure':<72} {'value':>12} {'goal':>26}  met")
+    for r in rows:
+        value = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        print(f"{r['measure']:<72} {value:>12} {r['goal']:>26}  {met}  {r['note']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
