@@ -102,6 +102,19 @@ def _loss_fn(name: str, others):
     return authors
 
 
+def host_syncs(fn) -> int:
+    """Runs fn once on CUDA and returns the host synchronisations torch reported in it
+    (``torch.cuda.set_sync_debug_mode("warn")``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _peak_start(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -169,14 +182,7 @@ def measure(config: str, loss_name: str, device, steps: int, warmup: int, progre
         base = _peak_start(device)
         t0 = time.perf_counter()
         if device.type == "cuda":
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs += sum("synchroniz" in str(w.message) for w in caught)
+            syncs += host_syncs(step)
         else:
             step()
         peak = max(peak, _peak_end(device, base))
