@@ -31,15 +31,11 @@ from himo_fast.factors import materialize  # noqa: E402
 from official import official_hide  # noqa: E402
 import test_losses as losses  # noqa: E402  (the workloads' step builders, shared)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+DEVICE = losses.DEVICE
+CUDA = DEVICE == "cuda"
+_sync = losses._sync
 # Dense bf16 tensor-core peak (TFLOP/s, without sparsity) by device name.
 BF16_PEAK = {"H100": 989.4, "H200": 989.4}
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def median_ms(step, rounds: int) -> float:
