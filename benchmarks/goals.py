@@ -145,64 +145,72 @@ def peak_extra_bytes(step, inputs_and_grads: int) -> int:
 
 
 def infonce_table(quick: bool, rounds: int):
+    """Each MoLo dual InfoNCE path (auto's; on CUDA also the fused Triton tiles of the
+    triton backend) against ClipLoss and Inf-CL, same inputs, same run."""
     d = 64 if quick else 768
     n = 256 if quick else 65536
     dtype = torch.bfloat16 if CUDA else torch.float32
+    paths = {"himo_fast": backends.select("auto", DEVICE).name}
+    if "himo_fast_triton" in losses.IMPLS:
+        paths["himo_fast_triton"] = "triton"
     rows = []
-    ours = median_ms(loss_step("himo_fast", n, n, d, dtype), rounds)
     clip = median_ms(loss_step("clip_loss", n, n, d, dtype), rounds)
-    rows.append(row(f"N={n}, d={d}: MoLo vs ClipLoss (one branch)", ours / clip, "<= 1.0x",
-                    ours / clip <= 1.0, "x", f"{ours:.2f} ms vs {clip:.2f} ms"))
     try:
         import inf_cl  # noqa: F401
-        have_inf_cl = CUDA
+        inf = median_ms(loss_step("inf_cl", n, n, d, dtype), rounds) if CUDA else None
     except ImportError:
-        have_inf_cl = False
-    if have_inf_cl:
-        inf = median_ms(loss_step("inf_cl", n, n, d, dtype), rounds)
-        rows.append(row(f"N={n}: MoLo vs Inf-CL (one branch)", ours / inf, "<= 1.3x",
-                        ours / inf <= 1.3, "x", f"{ours:.2f} ms vs {inf:.2f} ms"))
-    else:
-        rows.append(missing(f"N={n}: MoLo vs Inf-CL (one branch)", "<= 1.3x",
-                            "needs CUDA and the inf_cl wheel"))
+        inf = None
     # Useful FLOPs: per branch one logit product forward and two backward (2·N²·width
     # each; a recompute is not useful work); the component branch at width m+1.
     m = int(himo_fast.reference.component_count(losses._inputs(n, n, torch.float32, d)[0][2].cpu(), 0.9))
     flops = 3 * 2 * n * n * (d + m + 1)
-    tflops = flops / (ours * 1e-3) / 1e12
     peak = next((p for k, p in BF16_PEAK.items() if CUDA and k in torch.cuda.get_device_name()), None)
-    rows.append(row(f"useful throughput at N={n} (m={m})", tflops, ">= 50% of dense bf16 peak",
-                    None if peak is None else tflops >= 0.5 * peak, "TFLOP/s",
-                    "" if peak is None else f"{100 * tflops / peak:.0f}% of {peak} TFLOP/s"))
     big = 1024 if quick else 262144
-    if CUDA:
-        step = loss_step("himo_fast", big, big, d, dtype)
-        grads = 2 * big * d * torch.finfo(dtype).bits // 8
-        try:
-            extra = peak_extra_bytes(step, grads) / 2**30
-            rows.append(row(f"N={big}: extra memory beyond inputs and gradients", extra,
-                            "<= 2 GiB, and it runs", extra <= 2.0, "GiB"))
-        except torch.cuda.OutOfMemoryError:
-            rows.append(row(f"N={big}: extra memory", None, "<= 2 GiB, and it runs", False,
-                            note="out of memory"))
-    else:
-        rows.append(missing(f"N={big}: extra memory beyond inputs and gradients",
-                            "<= 2 GiB, and it runs", "needs CUDA (allocator statistics)"))
     b, cols = (16, 128) if quick else (128, 1024)
-    impl = backends.select("auto", DEVICE)
-    (vl, ul), v, u, others = losses._inputs(b, cols, dtype, d)[0]
-    comp = materialize(impl.hide_factors(ul, 0.9)).to(dtype).detach().requires_grad_()
-    all_v, all_u = torch.cat([v[: cols - b], vl]), torch.cat([u[: cols - b], ul])
-    all_c = torch.cat([others.to(dtype), comp])
-    s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
+    for impl_name, backend in paths.items():
+        who = f"MoLo ({backend})"
+        ours = median_ms(loss_step(impl_name, n, n, d, dtype), rounds)
+        rows.append(row(f"N={n}, d={d}: {who} vs ClipLoss (one branch)", ours / clip, "<= 1.0x",
+                        ours / clip <= 1.0, "x", f"{ours:.2f} ms vs {clip:.2f} ms"))
+        if inf is not None:
+            rows.append(row(f"N={n}: {who} vs Inf-CL (one branch)", ours / inf, "<= 1.3x",
+                            ours / inf <= 1.3, "x", f"{ours:.2f} ms vs {inf:.2f} ms"))
+        else:
+            rows.append(missing(f"N={n}: {who} vs Inf-CL (one branch)", "<= 1.3x",
+                                "needs CUDA and the inf_cl wheel"))
+        tflops = flops / (ours * 1e-3) / 1e12
+        rows.append(row(f"useful throughput at N={n} (m={m}), {who}", tflops,
+                        ">= 50% of dense bf16 peak", None if peak is None else tflops >= 0.5 * peak,
+                        "TFLOP/s", "" if peak is None else f"{100 * tflops / peak:.0f}% of {peak} TFLOP/s"))
+        if CUDA:
+            step = loss_step(impl_name, big, big, d, dtype)
+            grads = 2 * big * d * torch.finfo(dtype).bits // 8
+            try:
+                extra = peak_extra_bytes(step, grads) / 2**30
+                rows.append(row(f"N={big}: extra memory beyond inputs and gradients, {who}", extra,
+                                "<= 2 GiB, and it runs", extra <= 2.0, "GiB"))
+            except torch.cuda.OutOfMemoryError:
+                rows.append(row(f"N={big}: extra memory, {who}", None, "<= 2 GiB, and it runs",
+                                False, note="out of memory"))
+            del step
+            torch.cuda.empty_cache()
+        else:
+            rows.append(missing(f"N={big}: extra memory beyond inputs and gradients",
+                                "<= 2 GiB, and it runs", "needs CUDA (allocator statistics)"))
+        impl = backends.select(backend, DEVICE)
+        (vl, ul), v, u, others = losses._inputs(b, cols, dtype, d)[0]
+        comp = materialize(impl.hide_factors(ul, 0.9)).to(dtype).detach().requires_grad_()
+        all_v, all_u = torch.cat([v[: cols - b], vl]), torch.cat([u[: cols - b], ul])
+        all_c = torch.cat([others.to(dtype), comp])
+        s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
 
-    def infonce():
-        g, c = impl.dual_infonce(((vl, ul), (vl, comp)), ((all_v, all_u), (all_v, all_c)), s,
-                                 cols - b, 0.1)
-        (g + c).backward()
-    t = median_ms(infonce, rounds)
-    rows.append(row(f"paper-rank InfoNCE part ({b} x {cols}, both branches)", t, "<= 0.1 ms",
-                    t <= 0.1, "ms"))
+        def infonce():
+            g, c = impl.dual_infonce(((vl, ul), (vl, comp)), ((all_v, all_u), (all_v, all_c)), s,
+                                     cols - b, 0.1)
+            (g + c).backward()
+        t = median_ms(infonce, rounds)
+        rows.append(row(f"paper-rank InfoNCE part ({b} x {cols}, both branches), {who}", t,
+                        "<= 0.1 ms", t <= 0.1, "ms"))
     return rows
 
 

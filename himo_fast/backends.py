@@ -6,11 +6,13 @@ forward keeps its logits) as arguments chosen here.
 
     MoLo / hide ──select(name, device)──► Impl(hide_factors, dual_infonce)
         hide_factors:  centre → PCA (eigh chosen here) → factors      (factors.py, pca.py)
-        dual_infonce:  ops.dual_ce (C++/CUDA), or the reference      (dual_infonce.py)
+        dual_infonce:  ops.dual_ce (C++/CUDA strips), ops.fused_dual_ce (Triton
+                       tiles), or the reference                       (dual_infonce.py)
 
 Backends: ``reference`` (pure PyTorch, differentiable to any order), ``cpu`` (the
-compiled dual InfoNCE, csrc/), ``cuda`` (its CUDA twin), ``triton`` (HiDe on the Triton
-kernels of himo_fast.kernels, on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1).
+compiled dual InfoNCE, csrc/), ``cuda`` (its CUDA twin), ``triton`` (HiDe and the fused
+dual InfoNCE on the Triton kernels of himo_fast.kernels, on CUDA tensors, or on CPU
+tensors under TRITON_INTERPRET=1).
 ``select`` picks one for a device: an explicit name, else $HIMO_FAST_BACKEND, else the
 first usable one in ``AUTO_ORDER``.
 """
@@ -75,6 +77,13 @@ def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, s
     # bf16/fp16 stay narrow for the tensor cores; the op accumulates in fp32.
     return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
                                  kernel_dtype=dtype, strip_rows=strip_rows)
+
+
+def _triton_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0):
+    # Every dtype in its own precision (bf16/fp16 for the tensor cores); fp32 accumulation,
+    # fp64 for fp64.
+    return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
+                                 kernel_dtype=rows[0][0].dtype, fused=True)
 
 
 def _hide_cpu(u, tau):
@@ -161,14 +170,11 @@ def _build_triton(kind: str):
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host.
-    # The dual InfoNCE is the compiled one where built, else the reference.
-    compiled = _cuda_dual_infonce if kind == "cuda" else _cpu_dual_infonce
-    if _extension.unavailable_reason(need_cuda=kind == "cuda") is not None:
-        compiled = reference.dual_infonce_reference
+    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host;
+    # the fused dual InfoNCE keeps no logits.
     kernel_ops = triton_hide_ops(kind)
     return Impl("triton", lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops),
-                compiled)
+                _triton_dual_infonce)
 
 
 _REGISTRY = {b.name: b for b in (Backend("reference", _build_reference), Backend("cpu", _build_cpu),

@@ -12,8 +12,12 @@ while torch.compile traces.
   nll, so a solved row (one pair) gets exactly zero gradient.
 - ``sym_eigh(a, algorithm) -> (eigenvalues ascending, eigenvectors, info)``: the symmetric
   eigendecomposition without a host read of the solver's status (cuSOLVER on CUDA).
+- ``fused_dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing) ->
+  (ce, nll)``: dual_ce's contract in fused Triton tiles (himo_fast.kernels.infonce), no
+  logits in memory. Defined here in Python (CUDA tensors, or CPU ones under
+  TRITON_INTERPRET=1), whether or not the C++ extension is built.
 
-``REGISTERED`` is False without the compiled extension (the callables then cannot run).
+``REGISTERED`` is False without the compiled extension (its callables then cannot run).
 """
 from __future__ import annotations
 
@@ -21,8 +25,20 @@ import torch
 
 from . import _extension
 
+from torch import Tensor
+
 _LIB = "himo_fast"
 _DUAL_CE_OPTIONS = (0, 0.0, False, 0)  # label_offset, label_smoothing, keep_logits, strip_rows
+
+
+def _refuse_double_backward():
+    # The backward ops have no derivative of their own: autograd would treat the gradient
+    # as a constant and return a silently wrong second order.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "himo_fast: the compiled dual InfoNCE (backends 'cpu', 'cuda', 'triton') has "
+            "no double backward (create_graph=True); use MoLo(backend='reference'), "
+            "whose gradients are differentiable to any order")
 
 
 def _logits_shape(global_branch, keep_logits):
@@ -61,13 +77,7 @@ def _register() -> bool:
         ctx.options = (label_offset, label_smoothing, strip_rows)
 
     def backward(ctx, grad_ce, grad_nll, _grad_logits):
-        if torch.is_grad_enabled():
-            # dual_ce_backward has no derivative of its own: autograd would treat the
-            # gradient as a constant and return a silently wrong second order.
-            raise RuntimeError(
-                "himo_fast: the compiled dual InfoNCE (backends 'cpu', 'cuda', 'triton') has "
-                "no double backward (create_graph=True); use MoLo(backend='reference'), "
-                "whose gradients are differentiable to any order")
+        _refuse_double_backward()
         *saved, nll, logits = ctx.saved_tensors
         n_global, n_comp = ctx.counts
         global_branch, comp_branch = saved[:n_global], saved[n_global:n_global + n_comp]
@@ -89,6 +99,60 @@ def _register() -> bool:
 
 
 REGISTERED = _register()
+
+
+@torch.library.custom_op(f"{_LIB}::fused_dual_ce", mutates_args=(), device_types=("cuda", "cpu"))
+def fused_dual_ce(global_branch: list[Tensor], comp_branch: list[Tensor], scale: Tensor,
+                  label_offset: int = 0, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(ce, nll), each [4, B]: dual_ce's, from the fused Triton kernels."""
+    from .kernels import infonce  # triton is imported only when this op runs
+    return infonce.dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing)
+
+
+@torch.library.custom_op(f"{_LIB}::fused_dual_ce_backward", mutates_args=(),
+                         device_types=("cuda", "cpu"))
+def fused_dual_ce_backward(grad_ce: Tensor, grad_nll: Tensor, nll: Tensor,
+                           global_branch: list[Tensor], comp_branch: list[Tensor], scale: Tensor,
+                           label_offset: int = 0, label_smoothing: float = 0.0
+                           ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    from .kernels import infonce
+    return infonce.dual_ce_backward(grad_ce, grad_nll, nll, global_branch, comp_branch, scale,
+                                    label_offset, label_smoothing)
+
+
+@fused_dual_ce.register_fake
+def _(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0):
+    a = global_branch[0]
+    return (a.new_empty((4, a.shape[0]), dtype=scale.dtype),
+            a.new_empty((4, a.shape[0]), dtype=scale.dtype))
+
+
+@fused_dual_ce_backward.register_fake
+def _(grad_ce, grad_nll, nll, global_branch, comp_branch, scale, label_offset=0,
+      label_smoothing=0.0):
+    return ([torch.empty_like(t) for t in global_branch],
+            [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    global_branch, comp_branch, scale, *options = inputs
+    ctx.save_for_backward(*global_branch, *comp_branch, scale, output[1])
+    ctx.counts = (len(global_branch), len(comp_branch))
+    ctx.options = tuple(options) + (0, 0.0)[len(options):]
+
+
+def _fused_backward(ctx, grad_ce, grad_nll):
+    _refuse_double_backward()
+    *saved, scale, nll = ctx.saved_tensors
+    n_global = ctx.counts[0]
+    ready = lambda g: g.contiguous() if g is not None else torch.zeros_like(nll)
+    d_global, d_comp, d_scale = fused_dual_ce_backward(
+        ready(grad_ce), ready(grad_nll), nll, saved[:n_global], saved[n_global:], scale,
+        *ctx.options)
+    return list(d_global), list(d_comp), d_scale.reshape(scale.shape), None, None
+
+
+fused_dual_ce.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 # Whether sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
 SYM_EIGH_ON_CUDA = REGISTERED and _extension.extension().built_with_cusolver()
 

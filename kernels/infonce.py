@@ -1,0 +1,307 @@
+"""The dual InfoNCE in fused Triton tiles: no logit matrix, not even a strip, in memory.
+
+A logit matrix is x = s·P·Qᵀ (P: [p, k] rows, Q: [q, k] columns). Two kernels, both
+flash-attention style, each a loop over column tiles whose products stay in registers:
+
+- ``_lse_rows_kernel``: the forward, nll[i] = logsumexp_j x_ij - ref[i] with an online
+  (max, sum) per row. A column's log-sum-exp is the row one of the transposed product.
+- ``_ce_grad_kernel``: the backward, dP = s·W·Q with W = dloss/dx formed per tile from the
+  saved statistics of the rows (side p) and/or of the columns (side q): W_ij = gp·softmax -
+  c per side, as csrc/tile_math.h's ce_weight. Both P's and Q's gradients come from this
+  kernel (Q's as the rows of the transposed product), each recomputing the tiles; the
+  register file holds dP in chunks of BLOCK_D columns (grid axis 1), each chunk
+  recomputing its tiles, since a whole [BLOCK_M, 768] fp32 accumulator does not fit.
+
+Label logits. Element (i, i + shift) is the label of its row. Its logit is the one the
+caller passes (``ref``: s·a_i·b_label, an O(N·d) dot product), in the forward and in
+every backward tile alike, so a row's softmax at its label is exp(0 - nll) from the same
+numbers everywhere: one pair gets nll = 0 and a weight of exactly gp - c_label = 0, not
+the difference of two differently rounded products.
+
+The driver (``dual_ce``, ``dual_ce_backward``) has the contract of csrc/dual_infonce.h's op
+(ce and nll [4, B]: global a→b, b→a, component a→b, b→a). Reference twin:
+himo_fast.reference.dual_infonce_reference (tests/test_infonce_triton.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import DOT_PRECISION
+
+# Tiles. The forward keeps a [BLOCK_M, BLOCK_N] tile and its inputs; the backward also
+# its [BLOCK_M, BLOCK_D] accumulator (64 x 256 fp32: 64 registers a thread at 8 warps).
+FWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8)
+BLOCK_D_MAX = 256
+# The rows of a side's statistics (see side()).
+NLL, REF, GP, C_OFF, C_LABEL = range(5)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # see interpreted_bf16
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dots(p_ptr, q_ptr, rm, rn, P, Q, K, acc, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+          UPCAST: tl.constexpr):
+    """acc + P[rm] · Q[rn]ᵀ over the whole width K (rows out of range read as zeros)."""
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(p_ptr + rm[:, None] * K + rk[None, :],
+                    mask=(rm[:, None] < P) & (rk[None, :] < K), other=0.0)
+        b = tl.load(q_ptr + rn[:, None] * K + rk[None, :],
+                    mask=(rn[:, None] < Q) & (rk[None, :] < K), other=0.0)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _lse_rows_kernel(p_ptr, q_ptr, scale_ptr, ref_ptr, nll_ptr, P, Q, K, shift,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    acc_t = nll_ptr.dtype.element_ty
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rm < P
+    s = tl.load(scale_ptr)
+    ref = tl.load(ref_ptr + rm, mask=row_ok, other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), acc_t)
+    l_i = tl.zeros((BLOCK_M,), acc_t)
+    for n0 in range(0, Q, BLOCK_N):
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        x = s * _dots(p_ptr, q_ptr, rm, rn, P, Q, K, tl.zeros((BLOCK_M, BLOCK_N), acc_t),
+                      BLOCK_K, PRECISION, UPCAST)
+        x = tl.where(rn[None, :] == rm[:, None] + shift, ref[:, None], x)
+        x = tl.where(rn[None, :] < Q, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        # exp(-inf - -inf) is NaN: an empty state (or a column of -inf) rescales to 0.
+        alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_new))
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new[:, None]))
+        l_i = l_i * alpha + tl.sum(e, 1)
+        m_i = m_new
+    tl.store(nll_ptr + rm, (m_i - ref) + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _side_weight(x, label, side_ptr, idx, ok, n):
+    """gp·softmax - c of one side (its statistics at ``idx``, broadcast by the caller's
+    shapes): csrc/tile_math.h's ce_weight."""
+    nll = tl.load(side_ptr + 0 * n + idx, mask=ok, other=0.0)
+    ref = tl.load(side_ptr + 1 * n + idx, mask=ok, other=0.0)
+    gp = tl.load(side_ptr + 2 * n + idx, mask=ok, other=0.0)
+    c_off = tl.load(side_ptr + 3 * n + idx, mask=ok, other=0.0)
+    c_label = tl.load(side_ptr + 4 * n + idx, mask=ok, other=0.0)
+    return gp * tl.exp((x - ref) - nll) - tl.where(label, c_label, c_off)
+
+
+@triton.jit
+def _ce_grad_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, dp_ptr, ds_ptr,
+                    P, Q, K, shift, HAS_P: tl.constexpr, HAS_Q: tl.constexpr,
+                    NEED_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    acc_t = scale_ptr.dtype.element_ty
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rm < P
+    s = tl.load(scale_ptr)
+    if HAS_P:
+        ref_p = tl.load(side_p_ptr + 1 * P + rm, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), acc_t)
+    ds = tl.zeros((BLOCK_M,), acc_t)
+    for n0 in range(0, Q, BLOCK_N):
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = rn < Q
+        dots = _dots(p_ptr, q_ptr, rm, rn, P, Q, K, tl.zeros((BLOCK_M, BLOCK_N), acc_t),
+                     BLOCK_K, PRECISION, UPCAST)
+        label = rn[None, :] == rm[:, None] + shift
+        # The label logit as the forward took it (module docstring); both sides' refs are
+        # the same dot product where both are present.
+        if HAS_P:
+            x = tl.where(label, ref_p[:, None], s * dots)
+        else:
+            ref_q = tl.load(side_q_ptr + 1 * Q + rn, mask=col_ok, other=0.0)
+            x = tl.where(label, ref_q[None, :], s * dots)
+        w = tl.zeros((BLOCK_M, BLOCK_N), acc_t)
+        if HAS_P:
+            w += _side_weight(x, label, side_p_ptr, rm[:, None], row_ok[:, None], P)
+        if HAS_Q:
+            w += _side_weight(x, label, side_q_ptr, rn[None, :], col_ok[None, :], Q)
+        w = tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
+        if NEED_DS:
+            ds += tl.sum(w * dots, 1)
+        qd = tl.load(q_ptr + rn[:, None] * K + rd[None, :],
+                     mask=col_ok[:, None] & (rd[None, :] < K), other=0.0)
+        # Like the strip driver (and flash-attention): the weights go back to the inputs'
+        # precision for the tensor cores; the accumulation stays in acc_t.
+        acc = _dot(w.to(qd.dtype), qd, acc, PRECISION, UPCAST)
+    tl.store(dp_ptr + rm[:, None] * K + rd[None, :], (acc * s).to(dp_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (rd[None, :] < K))
+    if NEED_DS:
+        if tl.program_id(1) == 0:
+            tl.store(ds_ptr + rm, ds, mask=row_ok)
+
+
+# ---------------------------------------------------------------- launches
+
+def interpreted_bf16(t: torch.Tensor) -> bool:
+    """Whether to widen bf16 operands to fp32 before tl.dot: Triton 3.8's interpreter
+    multiplies bf16 tiles wrongly (errors of 1e10; fp16 is right). A product of two bf16
+    values is exact in fp32 and tensor cores accumulate in fp32, so the widened dot is the
+    GPU's arithmetic up to summation order. Compiled kernels keep bf16."""
+    return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def lse_rows(p, q, s, ref, shift):
+    """nll[i] = logsumexp_j(s·p_i·q_j, label j = i + shift taken as ref[i]) - ref[i]."""
+    P, K = p.shape
+    nll = torch.empty(P, device=p.device, dtype=s.dtype)
+    b = FWD_BLOCKS
+    _lse_rows_kernel[(triton.cdiv(P, b["BLOCK_M"]),)](
+        p, q, s, ref, nll, P, q.shape[0], K, shift, BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"],
+        BLOCK_K=b["BLOCK_K"], PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p),
+        num_warps=b["num_warps"])
+    return nll
+
+
+def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
+    """(dP = s·W·Q in p's dtype, ds[i] = Σ_j W_ij p_i·q_j or None) of the logits s·p·qᵀ,
+    W from the statistics side_p (per row of p) and/or side_q (per row of q), [5, len]."""
+    P, K = p.shape
+    dp = torch.empty_like(p)
+    ds = torch.empty(P if need_ds else 1, device=p.device, dtype=s.dtype)
+    b = BWD_BLOCKS
+    block_d = min(BLOCK_D_MAX, max(16, triton.next_power_of_2(K)))
+    _ce_grad_kernel[(triton.cdiv(P, b["BLOCK_M"]), triton.cdiv(K, block_d))](
+        p, q, s, side_p if side_p is not None else s, side_q if side_q is not None else s, dp,
+        ds, P, q.shape[0], K, shift, HAS_P=side_p is not None, HAS_Q=side_q is not None,
+        NEED_DS=need_ds, BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"],
+        BLOCK_D=block_d, PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p),
+        num_warps=b["num_warps"])
+    return dp, (ds if need_ds else None)
+
+
+# ---------------------------------------------------------------- the op's driver
+
+def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        raise ValueError(f"scale must be a one-element tensor, got {scale!r}")
+    if scale.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"scale (the accumulation dtype) must be float32 or float64, got {scale.dtype}")
+    a = global_branch[0] if len(global_branch) else None
+    allowed = (torch.float64,) if scale.dtype == torch.float64 else (
+        torch.float32, torch.bfloat16, torch.float16)
+    for name, branch in (("global_branch", global_branch), ("comp_branch", comp_branch)):
+        if len(branch) not in (2, 4):
+            raise ValueError(f"{name} must be [a_r, b_r] (square) or [a_r, b_r, a_c, b_c], "
+                             f"got {len(branch)} tensors")
+        for t in branch:
+            if t.dim() != 2 or t.shape[1] != branch[0].shape[1]:
+                raise ValueError(f"{name}: tensors must be 2-D of one width, got "
+                                 f"{[tuple(x.shape) for x in branch]}")
+            if t.dtype != a.dtype or t.dtype not in allowed:
+                raise TypeError(f"{name}: features must be one of {allowed} with a "
+                                f"{scale.dtype} scale, got {t.dtype}")
+            if t.device != scale.device:
+                raise ValueError(f"{name}: features on {t.device} but the scale on {scale.device}")
+    if len(global_branch) != len(comp_branch):
+        raise ValueError("both branches must be square or both have columns")
+    B = a.shape[0]
+    N = B if len(global_branch) == 2 else global_branch[2].shape[0]
+    for branch in (global_branch, comp_branch):
+        if branch[0].shape[0] != B or branch[1].shape[0] != B or any(
+                t.shape[0] != N for t in branch[2:]):
+            raise ValueError(f"row tensors must have {B} rows and column tensors {N}")
+    if B < 1:
+        raise ValueError("empty batch")
+    if not 0 <= label_offset <= N - B:
+        raise ValueError(f"label_offset must be in [0, {N - B}] for {B} rows and {N} "
+                         f"columns, got {label_offset}")
+
+
+def _columns(branch):
+    """[a_r, b_r, a_c, b_c], contiguous; square: the columns are the rows."""
+    t = [x.contiguous() for x in branch]
+    return t if len(t) == 4 else t + t
+
+
+def _label_dots(a, b, offset, eps, acc):
+    """a_i·b_{i+offset}, and (with label smoothing) a_i·mean(b), in acc: the same
+    reductions as the strip driver's label_dots."""
+    a32, b32 = a.to(acc), b.to(acc)
+    label = (a32 * b32[offset:offset + a.shape[0]]).sum(1)
+    mean = (a32 * b32.mean(0, keepdim=True)).sum(1) if eps != 0.0 else None
+    return label, mean
+
+
+def _smoothed(nll, label, mean, s, eps):
+    """The label-smoothed cross entropy from the plain one (clamped: see dual_infonce.cpp)."""
+    return (nll if eps == 0.0 else nll + (label - mean) * s * eps).clamp_min(0.0)
+
+
+def _branch_forward(t, s, offset, eps):
+    a_r, b_r, a_c, b_c = _columns(t)
+    out = []
+    for rows, cols in ((a_r, b_c), (b_r, a_c)):
+        label, mean = _label_dots(rows, cols, offset, eps, s.dtype)
+        nll = lse_rows(rows, cols, s, (label * s).contiguous(), offset)
+        out.append((_smoothed(nll, label, mean, s, eps), nll))
+    return out
+
+
+def dual_ce(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0):
+    """(ce, nll), each [4, B] in the scale's dtype: csrc/dual_infonce.h's dual_ce."""
+    _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
+    s = scale.reshape(1).contiguous()
+    parts = [d for t in (global_branch, comp_branch)
+             for d in _branch_forward(list(t), s, label_offset, label_smoothing)]
+    return torch.stack([ce for ce, _ in parts]), torch.stack([nll for _, nll in parts])
+
+
+def _side(rows, cols, s, offset, eps, nll, g_ce, g_nll):
+    """[5, B] statistics of one direction (rows against cols): nll, ref (the label logit),
+    gp = g_ce + g_nll, c_off = g_ce·ε/N, c_label = g_ce·(ε/N + 1 - ε) + g_nll."""
+    y_off = eps / cols.shape[0]
+    y_on = y_off + (1.0 - eps)
+    ref = _label_dots(rows, cols, offset, 0.0, s.dtype)[0] * s
+    return torch.stack([nll, ref, g_ce + g_nll, g_ce * y_off, g_ce * y_on + g_nll]).contiguous()
+
+
+def _branch_backward(t, s, offset, eps, nll, g_ce, g_nll):
+    """Gradients of the branch's tensors (its order) and its part of the scale's."""
+    square = len(t) == 2
+    a_r, b_r, a_c, b_c = _columns(t)
+    ab = _side(a_r, b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0])
+    ba = _side(b_r, a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1])
+    if square:
+        # One matrix s·a·bᵀ: its rows are direction ab, its columns direction ba.
+        d_a, ds = ce_grad(a_r, b_r, s, ab, ba, 0, True)
+        d_b, _ = ce_grad(b_r, a_r, s, ba, ab, 0, False)
+        return [d_a, d_b], ds.sum()
+    d_a_r, ds_ab = ce_grad(a_r, b_c, s, ab, None, offset, True)
+    d_b_c, _ = ce_grad(b_c, a_r, s, None, ab, -offset, False)
+    d_b_r, ds_ba = ce_grad(b_r, a_c, s, ba, None, offset, True)
+    d_a_c, _ = ce_grad(a_c, b_r, s, None, ba, -offset, False)
+    return [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab.sum() + ds_ba.sum()
+
+
+def dual_ce_backward(grad_ce, grad_nll, nll, global_branch, comp_branch, scale,
+                     label_offset=0, label_smoothing=0.0):
+    """Gradients of each branch's tensors (same order) and of the scale (0-d)."""
+    _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
+    s = scale.reshape(1).contiguous()
+    ready = lambda g: g.to(s.dtype).contiguous()
+    g_ce, g_nll, nll = ready(grad_ce), ready(grad_nll), ready(nll)
+    d_global, ds_g = _branch_backward(list(global_branch), s, label_offset, label_smoothing,
+                                      nll[0:2], g_ce[0:2], g_nll[0:2])
+    d_comp, ds_c = _branch_backward(list(comp_branch), s, label_offset, label_smoothing,
+                                    nll[2:4], g_ce[2:4], g_nll[2:4])
+    return d_global, d_comp, ds_g + ds_c

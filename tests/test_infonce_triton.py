@@ -1,0 +1,119 @@
+"""The fused Triton dual InfoNCE (kernels/infonce.py, op himo_fast::fused_dual_ce) against
+the float64 reference: on the GPU, else on CPU tensors under Triton's interpreter."""
+import pytest
+import torch
+
+from himo_fast import backends, ops
+from himo_fast.kernels import infonce
+from conftest import run_fresh, assert_ran
+from test_dual_infonce import _branches, _compare, _inputs, _one_pair_has_exactly_zero_gradient
+
+
+def _fused(device):
+    return backends.select("triton", device).dual_infonce
+
+
+# Odd sizes; widths below one tile, across BLOCK_D chunks (300 > 256) and a factored
+# component branch (d_comp).
+SHAPES = [(1, 3, 5, None), (7, 21, 13, 1), (33, 65, 31, None), (66, 131, 300, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_matches_reference(triton_device, dtype, square, eps):
+    shapes = SHAPES if dtype in (torch.float64, torch.float32) else SHAPES[1:3]
+    for B, N, d, d_comp in shapes:
+        _compare(B, B if square else N, d, dtype, triton_device, square, eps, d_comp=d_comp,
+                 fn=_fused(triton_device))
+
+
+def test_one_pair_has_exactly_zero_gradient(triton_device):
+    _one_pair_has_exactly_zero_gradient(triton_device, _fused(triton_device))
+
+
+def test_opcheck_both_ops(triton_device):
+    for square in (True, False):
+        rows, cols = _inputs(9, 27, 11, torch.float64, triton_device, square=square, d_comp=4)
+        scale = torch.tensor(8.0, dtype=torch.float64, device=triton_device, requires_grad=True)
+        branches = _branches(rows, None if square else cols)
+        offset = 0 if square else 7
+        torch.library.opcheck(ops.fused_dual_ce, (*branches, scale, offset, 0.1))
+        ce, nll = ops.fused_dual_ce(*branches, scale, offset, 0.1)
+        grads = (torch.randn_like(ce), torch.randn_like(nll))
+        detached = [[t.detach() for t in b] for b in branches]
+        torch.library.opcheck(ops.fused_dual_ce_backward,
+                              (*grads, nll.detach(), *detached, scale.detach(), offset, 0.1))
+
+
+def test_gradcheck_float64(triton_device):
+    # Both outputs (cross entropies and log-sum-exps) carry gradients. Fast mode (random
+    # projections of the Jacobian): each finite difference is a run of the interpreter.
+    rows, cols = _inputs(4, 11, 6, torch.float64, triton_device, square=False, d_comp=3)
+    scale = torch.tensor(6.0, dtype=torch.float64, device=triton_device, requires_grad=True)
+    op = lambda *a: ops.fused_dual_ce(*_branches(a[:4], a[4:8]), a[8], 5, 0.2)
+    assert torch.autograd.gradcheck(op, (*rows, *cols, scale), fast_mode=True)
+    rows, _ = _inputs(5, 5, 4, torch.float64, triton_device)
+    op = lambda *a: ops.fused_dual_ce(*_branches(a[:4]), a[4], 0, 0.1)
+    assert torch.autograd.gradcheck(op, (*rows, scale), fast_mode=True)
+
+
+def test_label_logit_is_the_callers_dot_product(triton_device):
+    # The forward takes each row's label logit from ref, not from its tile: with a ref
+    # shifted by +3 the nll of that row moves as the log-sum-exp with that logit changed.
+    p = torch.randn(5, 8, dtype=torch.float64, device=triton_device)
+    q = torch.randn(9, 8, dtype=torch.float64, device=triton_device)
+    s = torch.tensor([2.0], dtype=torch.float64, device=triton_device)
+    x = (s * p @ q.T).cpu()
+    ref = x[torch.arange(5), torch.arange(5) + 2].clone()
+    ref[1] += 3.0
+    want = x.clone()
+    want[torch.arange(5), torch.arange(5) + 2] = ref
+    want = torch.logsumexp(want, 1) - ref
+    got = infonce.lse_rows(p, q, s, ref.to(triton_device), 2).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_is_refused_before_any_work(triton_device):
+    rows, _ = _inputs(4, 4, 6, torch.float32, triton_device)
+    rows = [t.detach() for t in rows]
+    s = torch.tensor(3.0, device=triton_device)
+    g, c = _branches(rows)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        infonce.dual_ce(g, c, s, 0, 1.0)
+    with pytest.raises(ValueError, match="label_offset"):
+        infonce.dual_ce(g, c, s, 1, 0.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        infonce.dual_ce(g, c, s.half(), 0, 0.0)
+    with pytest.raises(TypeError, match="features must be"):
+        infonce.dual_ce([g[0].double(), g[1].double()], c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="square or"):
+        infonce.dual_ce(g, c + c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="one width"):
+        infonce.dual_ce([g[0], g[1][:, :3]], c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="rows"):
+        infonce.dual_ce([g[0], g[1][:3]], c, s, 0, 0.0)
+
+
+def test_cuda_memory_stays_far_below_one_n_by_n_matrix(cuda):
+    # N=16384, d=512, bf16, square, forward + backward: one N x N fp32 matrix is 1 GiB;
+    # the fused kernels keep O(N) statistics beyond the inputs and their gradients.
+    out = run_fresh("""
+import torch
+from himo_fast import backends
+from test_dual_infonce import _inputs, _pairs
+rows, _ = _inputs(16384, 16384, 512, torch.bfloat16, "cuda")
+s = torch.tensor(20.0, device="cuda", requires_grad=True)
+f = backends.select("triton", "cuda").dual_infonce
+g, c = f(_pairs(rows), None, s, 0, 0.1); (g + c).backward()  # warm-up: compiles
+for t in rows: t.grad = None
+torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+base = torch.cuda.memory_allocated()
+g, c = f(_pairs(rows), None, s, 0, 0.1); (g + c).backward(); torch.cuda.synchronize()
+print(base, torch.cuda.max_memory_allocated())
+""")
+    base, peak = map(int, assert_ran(out).split()[-2:])
+    grads = 4 * 16384 * 512 * 2
+    extra = peak - base - grads
+    print(f"extra {extra / 2**20:.1f} MiB beyond inputs and gradients")
+    assert extra < 64 * 2**20
