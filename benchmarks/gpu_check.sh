@@ -3,11 +3,12 @@
 # (and a copy under $OUT when run through the device tool).
 #   bash benchmarks/gpu_check.sh [STAGE ...]
 #   stages: build tests memcheck timing probe_eigh profile_jacobi bench demo train train_step
-#           goals_hide goals_infonce
+#           goals_hide goals_infonce tiles_infonce
 #   (bench = bench_hide + bench_losses; demo = python -m himo_fast.demo --preset gpu, its
 #   results.json and curves.png copied next to the results file; train = the training
 #   command end to end, 2 epochs amp_bf16 on the generated dataset; goals_* = the goal
-#   tables of issues 15 (HiDe) and 16 (dual InfoNCE, with Inf-CL), benchmarks/goals.py)
+#   tables of issues 15 (HiDe) and 16 (dual InfoNCE, with Inf-CL), benchmarks/goals.py;
+#   tiles_infonce = the fused Triton InfoNCE's tile sweep, benchmarks/infonce_tiles.py)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
 # bare). Each stage has its own time limit, so one that hangs cannot eat the others'. All of
 # them take longer than one 10-minute device command: split them over two or three calls.
@@ -108,6 +109,11 @@ stage_goals_infonce() {  # issue 16's table: 64k vs ClipLoss and Inf-CL, TFLOP/s
     --json "$here/${json%.json}-goals-infonce.json" 2>&1 | tail -12)
 }
 
+stage_tiles_infonce() {  # the fused Triton InfoNCE's tile sweep (pick FWD/BWD_BLOCKS from it)
+  (cd /tmp && timeout ${TILES_TIMEOUT:-300} python3 "$here/benchmarks/infonce_tiles.py" \
+    --json "$here/${json%.json}-tiles-infonce.json" 2>&1 | tail -30)
+}
+
 stage_demo() {  # MoLo vs ClipLoss, paired over seeds, on the GPU preset (DEMO_ARGS: more flags)
   (cd /tmp && timeout ${DEMO_TIMEOUT:-540} python3 -m himo_fast.demo --preset gpu \
     --out "$here/${res%.txt}-demo" ${DEMO_ARGS:-} 2>&1 | grep -v "step/s" | tail -20)
@@ -145,7 +151,7 @@ stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generat
 if [ -n "${OUT:-}" ]; then
   cp "$res" "$OUT/" 2>/dev/null
   cp "$json" "${json%.json}-hide.json" "${json%.json}-eigh.json" "${json%.json}-train-step.json" \
-    "${json%.json}-goals-hide.json" "${json%.json}-goals-infonce.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
+    "${json%.json}-goals-hide.json" "${json%.json}-goals-infonce.json" "${json%.json}-tiles-infonce.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
   [ -d "${res%.txt}-demo" ] && cp -r "${res%.txt}-demo" "$OUT/"
 fi
 true

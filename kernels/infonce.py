@@ -32,10 +32,12 @@ import triton.language as tl
 
 from .common import DOT_PRECISION
 
-# Tiles. The forward keeps a [BLOCK_M, BLOCK_N] tile and its inputs; the backward also
-# its [BLOCK_M, BLOCK_D] accumulator (64 x 256 fp32: 64 registers a thread at 8 warps).
-FWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
-BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8)
+# Tiles (launch options included). The forward keeps a [BLOCK_M, BLOCK_N] tile and its
+# inputs; the backward also its [BLOCK_M, BLOCK_D] accumulator (64 x 256 fp32: 64
+# registers a thread at 8 warps), BLOCK_D up to BLOCK_D_MAX. Not yet tuned on a GPU:
+# benchmarks/infonce_tiles.py sweeps them (gpu_check.sh stage tiles_infonce).
+FWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 BLOCK_D_MAX = 256
 # The rows of a side's statistics (see side()).
 NLL, REF, GP, C_OFF, C_LABEL = range(5)
@@ -102,13 +104,13 @@ def _side_weight(x, label, side_ptr, idx, ok, n):
 
 @triton.jit
 def _ce_grad_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, dp_ptr, ds_ptr,
-                    P, Q, K, shift, HAS_P: tl.constexpr, HAS_Q: tl.constexpr,
+                    P, Q, K, shift, d0, HAS_P: tl.constexpr, HAS_Q: tl.constexpr,
                     NEED_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
     acc_t = scale_ptr.dtype.element_ty
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rd = d0 + tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rm < P
     s = tl.load(scale_ptr)
     if HAS_P:
@@ -162,12 +164,22 @@ def lse_rows(p, q, s, ref, shift):
     """nll[i] = logsumexp_j(s·p_i·q_j, label j = i + shift taken as ref[i]) - ref[i]."""
     P, K = p.shape
     nll = torch.empty(P, device=p.device, dtype=s.dtype)
-    b = FWD_BLOCKS
-    _lse_rows_kernel[(triton.cdiv(P, b["BLOCK_M"]),)](
-        p, q, s, ref, nll, P, q.shape[0], K, shift, BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"],
-        BLOCK_K=b["BLOCK_K"], PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p),
-        num_warps=b["num_warps"])
+    _lse_rows_kernel[(triton.cdiv(P, FWD_BLOCKS["BLOCK_M"]),)](
+        p, q, s, ref, nll, P, q.shape[0], K, shift, PRECISION=DOT_PRECISION,
+        UPCAST=interpreted_bf16(p), **FWD_BLOCKS)
     return nll
+
+
+def d_chunks(K: int, block_d_max: int):
+    """The launches over dP's columns, [(first column, BLOCK_D, chunks)]: whole chunks of
+    block_d_max, then one power-of-two chunk for the rest (768 at 512: 512 + 256). Each
+    chunk recomputes the logit tiles, so fewer, wider chunks cost fewer FLOPs while the
+    accumulator fits the registers."""
+    full, rest = divmod(K, block_d_max)
+    plan = [(0, block_d_max, full)] if full else []
+    if rest:
+        plan.append((full * block_d_max, max(16, triton.next_power_of_2(rest)), 1))
+    return plan
 
 
 def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
@@ -176,14 +188,12 @@ def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
     P, K = p.shape
     dp = torch.empty_like(p)
     ds = torch.empty(P if need_ds else 1, device=p.device, dtype=s.dtype)
-    b = BWD_BLOCKS
-    block_d = min(BLOCK_D_MAX, max(16, triton.next_power_of_2(K)))
-    _ce_grad_kernel[(triton.cdiv(P, b["BLOCK_M"]), triton.cdiv(K, block_d))](
-        p, q, s, side_p if side_p is not None else s, side_q if side_q is not None else s, dp,
-        ds, P, q.shape[0], K, shift, HAS_P=side_p is not None, HAS_Q=side_q is not None,
-        NEED_DS=need_ds, BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"],
-        BLOCK_D=block_d, PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p),
-        num_warps=b["num_warps"])
+    for i, (d0, block_d, chunks) in enumerate(d_chunks(K, BLOCK_D_MAX)):
+        _ce_grad_kernel[(triton.cdiv(P, BWD_BLOCKS["BLOCK_M"]), chunks)](
+            p, q, s, side_p if side_p is not None else s, side_q if side_q is not None else s,
+            dp, ds, P, q.shape[0], K, shift, d0, HAS_P=side_p is not None,
+            HAS_Q=side_q is not None, NEED_DS=need_ds and i == 0, BLOCK_D=block_d,
+            PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p), **BWD_BLOCKS)
     return dp, (ds if need_ds else None)
 
 

@@ -57,3 +57,18 @@ def test_goal_tables_run(tmp_path):
         for r in rows:
             assert (r["value"] is None) == bool(r["note"].startswith("needs")), r
             assert r["value"] is None or r["value"] >= 0, r
+
+
+def test_infonce_tile_sweep_runs(tmp_path):
+    # benchmarks/infonce_tiles.py picks the fused kernels' tiles on a GPU; --quick runs two
+    # configurations of each kernel here (under the interpreter), and each agrees with the first.
+    import json
+    script = Path(__file__).parent.parent / "benchmarks" / "infonce_tiles.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--json", str(tmp_path / "t.json")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert len(res["fwd"]) == 2 and len(res["bwd"]) == 2, res
+    assert all(r["ms"] > 0 and r["max_diff"] == 0 for r in res["fwd"]), res
+    assert all(r["ms"] > 0 and r["rel_diff"] < 1e-6 for r in res["bwd"]), res

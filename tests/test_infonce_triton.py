@@ -117,3 +117,23 @@ print(base, torch.cuda.max_memory_allocated())
     extra = peak - base - grads
     print(f"extra {extra / 2**20:.1f} MiB beyond inputs and gradients")
     assert extra < 64 * 2**20
+
+
+def test_d_chunks_cover_every_column_once():
+    for K in (1, 5, 16, 255, 256, 300, 512, 768, 1024):
+        for block in (16, 64, 256, 512):
+            cols = [c for d0, w, n in infonce.d_chunks(K, block) for c in range(d0, d0 + w * n)]
+            assert cols[:K] == list(range(K)) and len(cols) - K < 16 + block, (K, block)
+    assert infonce.d_chunks(768, 512) == [(0, 512, 1), (512, 256, 1)]
+    assert infonce.d_chunks(768, 256) == [(0, 256, 3)]
+
+
+def test_narrow_chunks_and_other_tiles_give_the_same_result(triton_device, monkeypatch):
+    # Several BLOCK_D chunks plus a tail launch, and tiles other than the default ones:
+    # what the GPU tile sweep (benchmarks/infonce_tiles.py) may pick must stay exact.
+    monkeypatch.setattr(infonce, "BLOCK_D_MAX", 16)
+    monkeypatch.setattr(infonce, "FWD_BLOCKS", dict(infonce.FWD_BLOCKS, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16))
+    monkeypatch.setattr(infonce, "BWD_BLOCKS", dict(infonce.BWD_BLOCKS, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32))
+    for square in (True, False):
+        _compare(19, 19 if square else 50, 45, torch.float32, triton_device, square, 0.1, d_comp=3,
+                 fn=_fused(triton_device))
