@@ -4,13 +4,15 @@
     ... --quick   # tiny shapes, two configurations each, on the CPU under TRITON_INTERPRET=1
                   # too (CI runs this, so the script cannot rot)
 
-Times the forward kernel (one direction's row log-sum-exps, s·P·Qᵀ of N x N) and the
-backward kernel (dP with both sides' statistics, the square case's heaviest launch) for
+Times the forward kernel (one direction's row log-sum-exps, s·P·Qᵀ of N x N), the
+backward kernel (dP with both sides' statistics, the square case's heaviest launch) and
+the strip route of the backward (both gradients) against the recompute route, for
 each tile configuration, bf16 inputs, median of a few runs after a warm-up (that compiles).
 Each configuration's output is checked against the first one's, so a fast wrong tile
 cannot win. TFLOP/s are counted two ways: useful (one N²·d product forward, two backward)
 and executed (the recomputes too: the backward's chunks each recompute the tiles).
-The winner goes into FWD_BLOCKS / BWD_BLOCKS / BLOCK_D_MAX by hand, with the results
+The winner goes into FWD_BLOCKS / BWD_BLOCKS / BLOCK_D_MAX / WEIGHT_BLOCKS (and the
+route into use_strips) by hand, with the results
 file committed under benchmarks/results/.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ FWD = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=3)
 BWD = [(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, num_warps=8, num_stages=st), dmax)
        for m, n, st, dmax in itertools.product((64, 128), (32, 64), (2, 3), (256, 512))
        if m * dmax <= 64 * 512]  # the fp32 accumulator: at most 128 registers a thread
+WEIGHT = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, num_warps=w, num_stages=3)
+          for m, n, w in ((64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4))]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +63,8 @@ def main(argv=None):
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
-    fwd_configs, bwd_configs = (FWD[:2], BWD[:2]) if a.quick else (FWD, BWD)
+    fwd_configs, bwd_configs, weight_configs = (
+        (FWD[:2], BWD[:2], WEIGHT[:1]) if a.quick else (FWD, BWD, WEIGHT))
     if a.quick:
         a.n, a.d = 70, 40
     from himo_fast.kernels import infonce
@@ -77,7 +82,8 @@ def main(argv=None):
     out = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                triton=triton.__version__, cuda=torch.version.cuda, n=n, d=d,
                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), fwd=[], bwd=[])
-    defaults = (dict(infonce.FWD_BLOCKS), dict(infonce.BWD_BLOCKS), infonce.BLOCK_D_MAX)
+    defaults = (dict(infonce.FWD_BLOCKS), dict(infonce.BWD_BLOCKS), infonce.BLOCK_D_MAX,
+                dict(infonce.WEIGHT_BLOCKS))
     first = None
     for cfg in fwd_configs:
         infonce.FWD_BLOCKS = cfg
@@ -115,7 +121,30 @@ def main(argv=None):
         print(f"bwd {cfg} D<={dmax}: {ms:.2f} ms, useful {flop / ms / 1e9:.0f}, executed "
               f"{executed / ms / 1e9:.0f} TFLOP/s, diff {err:.1e}", flush=True)
     infonce.BWD_BLOCKS, infonce.BLOCK_D_MAX = defaults[1], defaults[2]
-    for kind in ("fwd", "bwd"):
+    # The two backward routes for the whole square matrix (both gradients), side by side:
+    # recompute = ce_grad twice (default tiles), strips = W strips + cuBLAS per WEIGHT tile.
+    both = lambda: (infonce.ce_grad(img, txt, s, side, side_t, 0, True),
+                    infonce.ce_grad(txt, img, s, side_t, side, 0, False))
+    out["recompute_ms"] = timed(both)
+    print(f"backward, both gradients, recompute route: {out['recompute_ms']:.2f} ms", flush=True)
+    want = both()[0][0].float()
+    out["strips"] = []
+    for cfg in weight_configs:
+        infonce.WEIGHT_BLOCKS = cfg
+        call = lambda: infonce.strips_backward(img, txt, s, side, side_t, 0)
+        try:
+            dp = call()[0]
+            ms = timed(call)
+        except Exception as e:
+            out["strips"].append(dict(cfg=cfg, error=str(e)[:200]))
+            print("strips", cfg, "failed:", str(e)[:120], flush=True)
+            continue
+        err = ((dp.float() - want).norm() / want.norm()).item()
+        out["strips"].append(dict(cfg=cfg, ms=ms, rel_diff=err))
+        print(f"strips {cfg}: {ms:.2f} ms (recompute {out['recompute_ms']:.2f}), diff {err:.1e}",
+              flush=True)
+    infonce.WEIGHT_BLOCKS = defaults[3]
+    for kind in ("fwd", "bwd", "strips"):
         ok = [r for r in out[kind] if "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])

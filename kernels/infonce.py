@@ -11,6 +11,10 @@ flash-attention style, each a loop over column tiles whose products stay in regi
   kernel (Q's as the rows of the transposed product), each recomputing the tiles; the
   register file holds dP in chunks of BLOCK_D columns (grid axis 1), each chunk
   recomputing its tiles, since a whole [BLOCK_M, 768] fp32 accumulator does not fit.
+- ``_ce_weight_kernel``: the other backward route, for wide features: the same W tiles
+  written once, in the inputs' dtype, to a bounded strip of rows, which two cuBLAS
+  products turn into dP and dQ. At d = 768 that is one recompute of the tiles instead of
+  six (3 chunks x 2 sides), for 6 bytes of memory traffic per logit (use_strips decides).
 
 Label logits. Element (i, i + shift) is the label of its row. Its logit is the one the
 caller passes (``ref``: s·a_i·b_label, an O(N·d) dot product), in the forward and in
@@ -39,6 +43,11 @@ from .common import DOT_PRECISION
 FWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 BLOCK_D_MAX = 256
+# The strip backward (strips_backward): W tiles written in the inputs' dtype, STRIP_ELEMENTS
+# per strip (64 MiB in bf16), then two cuBLAS products; "auto" picks it by width (use_strips).
+WEIGHT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+STRIP_ELEMENTS = 1 << 25
+BACKWARD = "auto"
 # The rows of a side's statistics (see side()).
 NLL, REF, GP, C_OFF, C_LABEL = range(5)
 
@@ -103,51 +112,79 @@ def _side_weight(x, label, side_ptr, idx, ok, n):
 
 
 @triton.jit
+def _tile_weight(p_ptr, q_ptr, s, side_p_ptr, side_q_ptr, rm, rn, row_ok, col_ok, P, Q, K,
+                 shift, HAS_P: tl.constexpr, HAS_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """(W, dots) of one tile: W = dloss/dx from the sides present, 0 outside the matrix."""
+    dots = _dots(p_ptr, q_ptr, rm, rn, P, Q, K, tl.zeros((BLOCK_M, BLOCK_N), s.dtype),
+                 BLOCK_K, PRECISION, UPCAST)
+    label = rn[None, :] == rm[:, None] + shift
+    # The label logit as the forward took it (module docstring); both sides' refs are the
+    # same dot product where both are present.
+    if HAS_P:
+        ref_p = tl.load(side_p_ptr + 1 * P + rm, mask=row_ok, other=0.0)
+        x = tl.where(label, ref_p[:, None], s * dots)
+    else:
+        ref_q = tl.load(side_q_ptr + 1 * Q + rn, mask=col_ok, other=0.0)
+        x = tl.where(label, ref_q[None, :], s * dots)
+    w = tl.zeros((BLOCK_M, BLOCK_N), s.dtype)
+    if HAS_P:
+        w += _side_weight(x, label, side_p_ptr, rm[:, None], row_ok[:, None], P)
+    if HAS_Q:
+        w += _side_weight(x, label, side_q_ptr, rn[None, :], col_ok[None, :], Q)
+    return tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0), dots
+
+
+@triton.jit
 def _ce_grad_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, dp_ptr, ds_ptr,
                     P, Q, K, shift, d0, HAS_P: tl.constexpr, HAS_Q: tl.constexpr,
                     NEED_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr):
-    acc_t = scale_ptr.dtype.element_ty
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rd = d0 + tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rm < P
     s = tl.load(scale_ptr)
-    if HAS_P:
-        ref_p = tl.load(side_p_ptr + 1 * P + rm, mask=row_ok, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), acc_t)
-    ds = tl.zeros((BLOCK_M,), acc_t)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), s.dtype)
+    ds = tl.zeros((BLOCK_M,), s.dtype)
     for n0 in range(0, Q, BLOCK_N):
         rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = rn < Q
-        dots = _dots(p_ptr, q_ptr, rm, rn, P, Q, K, tl.zeros((BLOCK_M, BLOCK_N), acc_t),
-                     BLOCK_K, PRECISION, UPCAST)
-        label = rn[None, :] == rm[:, None] + shift
-        # The label logit as the forward took it (module docstring); both sides' refs are
-        # the same dot product where both are present.
-        if HAS_P:
-            x = tl.where(label, ref_p[:, None], s * dots)
-        else:
-            ref_q = tl.load(side_q_ptr + 1 * Q + rn, mask=col_ok, other=0.0)
-            x = tl.where(label, ref_q[None, :], s * dots)
-        w = tl.zeros((BLOCK_M, BLOCK_N), acc_t)
-        if HAS_P:
-            w += _side_weight(x, label, side_p_ptr, rm[:, None], row_ok[:, None], P)
-        if HAS_Q:
-            w += _side_weight(x, label, side_q_ptr, rn[None, :], col_ok[None, :], Q)
-        w = tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
+        w, dots = _tile_weight(p_ptr, q_ptr, s, side_p_ptr, side_q_ptr, rm, rn, row_ok, col_ok,
+                               P, Q, K, shift, HAS_P, HAS_Q, BLOCK_M, BLOCK_N, BLOCK_K,
+                               PRECISION, UPCAST)
         if NEED_DS:
             ds += tl.sum(w * dots, 1)
         qd = tl.load(q_ptr + rn[:, None] * K + rd[None, :],
                      mask=col_ok[:, None] & (rd[None, :] < K), other=0.0)
         # Like the strip driver (and flash-attention): the weights go back to the inputs'
-        # precision for the tensor cores; the accumulation stays in acc_t.
+        # precision for the tensor cores; the accumulation stays in fp32.
         acc = _dot(w.to(qd.dtype), qd, acc, PRECISION, UPCAST)
     tl.store(dp_ptr + rm[:, None] * K + rd[None, :], (acc * s).to(dp_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (rd[None, :] < K))
     if NEED_DS:
         if tl.program_id(1) == 0:
             tl.store(ds_ptr + rm, ds, mask=row_ok)
+
+
+@triton.jit
+def _ce_weight_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, w_ptr, dsp_ptr,
+                      P, Q, K, shift, r0, r_end, HAS_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """W of rows [r0, r_end) in the inputs' dtype, and per tile Σ_j W·dots (for ds)."""
+    rm = (r0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok, col_ok = rm < r_end, rn < Q
+    s = tl.load(scale_ptr)
+    w, dots = _tile_weight(p_ptr, q_ptr, s, side_p_ptr, side_q_ptr, rm, rn, row_ok, col_ok,
+                           P, Q, K, shift, True, HAS_Q, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                           UPCAST)
+    tl.store(w_ptr + (rm - r0)[:, None] * Q + rn[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dsp_ptr + (rm - r0) * tl.num_programs(1) + tl.program_id(1), tl.sum(w * dots, 1),
+             mask=row_ok)
 
 
 # ---------------------------------------------------------------- launches
@@ -195,6 +232,52 @@ def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
             HAS_Q=side_q is not None, NEED_DS=need_ds and i == 0, BLOCK_D=block_d,
             PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p), **BWD_BLOCKS)
     return dp, (ds if need_ds else None)
+
+
+def _mm_acc(a, b):
+    """a @ b with fp32 accumulation and output (bf16/fp16 tensor cores on CUDA; elsewhere
+    the widened product, the same arithmetic: ATen has mm's out_dtype on CUDA only)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a, b)
+
+
+def strips_backward(p, q, s, side_p, side_q, shift):
+    """(dP, dQ, ds) of the logits s·p·qᵀ, with W written in bounded strips of rows (the
+    inputs' dtype, STRIP_ELEMENTS at most) and both products by cuBLAS: one recompute of
+    the tiles instead of one per dP chunk and side (ce_grad), for 6 bytes of traffic per
+    logit. side_p: the rows' statistics (always), side_q: the columns' (square case) or None."""
+    P, K = p.shape
+    Q = q.shape[0]
+    b = WEIGHT_BLOCKS
+    step = max(b["BLOCK_M"], STRIP_ELEMENTS // max(Q, 1) // b["BLOCK_M"] * b["BLOCK_M"])
+    tiles = triton.cdiv(Q, b["BLOCK_N"])
+    w = torch.empty(min(step, P), Q, device=p.device, dtype=p.dtype)
+    dsp = torch.empty(min(step, P), tiles, device=p.device, dtype=s.dtype)
+    dp = torch.empty_like(p)
+    dq = torch.zeros(Q, K, device=p.device, dtype=s.dtype)
+    ds = torch.zeros((), device=p.device, dtype=s.dtype)
+    for r0 in range(0, P, step):
+        rows = min(step, P - r0)
+        _ce_weight_kernel[(triton.cdiv(rows, b["BLOCK_M"]), tiles)](
+            p, q, s, side_p, side_q if side_q is not None else s, w, dsp, P, Q, K, shift, r0,
+            r0 + rows, HAS_Q=side_q is not None, PRECISION=DOT_PRECISION,
+            UPCAST=interpreted_bf16(p), **b)
+        dp[r0:r0 + rows] = _mm_acc(w[:rows], q) * s
+        dq += _mm_acc(w[:rows].T, p[r0:r0 + rows])
+        ds += dsp[:rows].sum()
+    return dp, (dq * s).to(q.dtype), ds
+
+
+def use_strips(K: int) -> bool:
+    """The backward's route for width K (BACKWARD: "auto", "recompute" or "strips"): auto
+    takes the strips where ce_grad would need more than one dP chunk (each recomputing
+    every tile), i.e. at the global branch's d = 768, and recomputes at narrow widths."""
+    if BACKWARD == "auto":
+        return sum(n for _, _, n in d_chunks(K, BLOCK_D_MAX)) > 1
+    return BACKWARD == "strips"
 
 
 # ---------------------------------------------------------------- the op's driver
@@ -291,6 +374,13 @@ def _branch_backward(t, s, offset, eps, nll, g_ce, g_nll):
     a_r, b_r, a_c, b_c = _columns(t)
     ab = _side(a_r, b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0])
     ba = _side(b_r, a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1])
+    if use_strips(a_r.shape[1]):
+        if square:
+            d_a, d_b, ds = strips_backward(a_r, b_r, s, ab, ba, 0)
+            return [d_a, d_b], ds
+        d_a_r, d_b_c, ds_ab = strips_backward(a_r, b_c, s, ab, None, offset)
+        d_b_r, d_a_c, ds_ba = strips_backward(b_r, a_c, s, ba, None, offset)
+        return [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab + ds_ba
     if square:
         # One matrix s·a·bᵀ: its rows are direction ab, its columns direction ba.
         d_a, ds = ce_grad(a_r, b_r, s, ab, ba, 0, True)

@@ -6,6 +6,7 @@ by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas included), so a c
 shows up in CI rather than in a GPU call. Run as a script, TRITON_INTERPRET unset (the
 kernels must be JIT functions, not interpreted ones); prints one line per compiled kernel.
 """
+import itertools
 import os
 import sys
 
@@ -65,13 +66,16 @@ def wrappers():
         kernels.matmul_bias(u, u.T, bias=torch.randn(40))
     kernels.jacobi_eigh(torch.eye(6, dtype=torch.float64), sweeps=1)
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for dtype, route in itertools.product(
+            (torch.float32, torch.float64, torch.bfloat16, torch.float16), ("recompute", "strips")):
+        infonce.BACKWARD = route
         s = torch.tensor(9.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         for n, width in ((40, 24), (24, 600)):
             rows = [torch.randn(24, width).to(dtype) for _ in range(2)]
             cols = [torch.randn(n, width).to(dtype) for _ in range(2)] if n != 24 else []
             ce, nll = infonce.dual_ce(rows + cols, rows + cols, s, 0, 0.1)
             infonce.dual_ce_backward(ce, nll, nll, rows + cols, rows + cols, s, 0, 0.1)
+    infonce.BACKWARD = "auto"
 
 
 def main() -> int:

@@ -21,18 +21,27 @@ SHAPES = [(1, 3, 5, None), (7, 21, 13, 1), (33, 65, 31, None), (66, 131, 300, 9)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_matches_reference(triton_device, dtype, square, eps):
+@pytest.mark.parametrize("route", ["auto", "recompute", "strips"])
+def test_matches_reference(triton_device, dtype, square, eps, route, monkeypatch):
+    # The backward's two routes (kernels/infonce.py: ce_grad, strips_backward) and auto's
+    # choice between them by width; strips of 64 rows, so that 66 rows make two.
+    monkeypatch.setattr(infonce, "BACKWARD", route)
+    monkeypatch.setattr(infonce, "STRIP_ELEMENTS", 1)
     shapes = SHAPES if dtype in (torch.float64, torch.float32) else SHAPES[1:3]
     for B, N, d, d_comp in shapes:
         _compare(B, B if square else N, d, dtype, triton_device, square, eps, d_comp=d_comp,
                  fn=_fused(triton_device))
 
 
-def test_one_pair_has_exactly_zero_gradient(triton_device):
+@pytest.mark.parametrize("route", ["recompute", "strips"])
+def test_one_pair_has_exactly_zero_gradient(triton_device, route, monkeypatch):
+    monkeypatch.setattr(infonce, "BACKWARD", route)
     _one_pair_has_exactly_zero_gradient(triton_device, _fused(triton_device))
 
 
-def test_opcheck_both_ops(triton_device):
+@pytest.mark.parametrize("route", ["recompute", "strips"])
+def test_opcheck_both_ops(triton_device, route, monkeypatch):
+    monkeypatch.setattr(infonce, "BACKWARD", route)
     for square in (True, False):
         rows, cols = _inputs(9, 27, 11, torch.float64, triton_device, square=square, d_comp=4)
         scale = torch.tensor(8.0, dtype=torch.float64, device=triton_device, requires_grad=True)
@@ -46,7 +55,9 @@ def test_opcheck_both_ops(triton_device):
                               (*grads, nll.detach(), *detached, scale.detach(), offset, 0.1))
 
 
-def test_gradcheck_float64(triton_device):
+@pytest.mark.parametrize("route", ["recompute", "strips"])
+def test_gradcheck_float64(triton_device, route, monkeypatch):
+    monkeypatch.setattr(infonce, "BACKWARD", route)
     # Both outputs (cross entropies and log-sum-exps) carry gradients. Fast mode (random
     # projections of the Jacobian): each finite difference is a run of the interpreter.
     rows, cols = _inputs(4, 11, 6, torch.float64, triton_device, square=False, d_comp=3)
@@ -134,6 +145,16 @@ def test_narrow_chunks_and_other_tiles_give_the_same_result(triton_device, monke
     monkeypatch.setattr(infonce, "BLOCK_D_MAX", 16)
     monkeypatch.setattr(infonce, "FWD_BLOCKS", dict(infonce.FWD_BLOCKS, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16))
     monkeypatch.setattr(infonce, "BWD_BLOCKS", dict(infonce.BWD_BLOCKS, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32))
-    for square in (True, False):
-        _compare(19, 19 if square else 50, 45, torch.float32, triton_device, square, 0.1, d_comp=3,
-                 fn=_fused(triton_device))
+    monkeypatch.setattr(infonce, "WEIGHT_BLOCKS", dict(infonce.WEIGHT_BLOCKS, BLOCK_M=16, BLOCK_N=32))
+    monkeypatch.setattr(infonce, "STRIP_ELEMENTS", 1)  # strips of 16 rows
+    for route in ("recompute", "strips"):
+        monkeypatch.setattr(infonce, "BACKWARD", route)
+        for square in (True, False):
+            _compare(19, 19 if square else 50, 45, torch.float32, triton_device, square, 0.1,
+                     d_comp=3, fn=_fused(triton_device))
+
+
+def test_auto_route_is_strips_only_where_dp_chunks_would_repeat():
+    assert infonce.BACKWARD == "auto"
+    assert not infonce.use_strips(73) and not infonce.use_strips(256)
+    assert infonce.use_strips(257) and infonce.use_strips(768)

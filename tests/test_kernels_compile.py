@@ -10,7 +10,8 @@ pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_for_sm90.py")
 KERNELS = ("_centre_kernel", "_syrk_kernel", "_matmul_bias_kernel", "_jacobi_rotations_kernel",
-           "_jacobi_step_kernel", "_lse_rows_kernel", "_ce_grad_kernel")
+           "_jacobi_step_kernel", "_lse_rows_kernel", "_ce_grad_kernel",
+           "_ce_weight_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():
@@ -24,6 +25,7 @@ def test_every_kernel_compiles_for_sm90():
     # fp32, fp64 and bf16 inputs each give their own matmul_bias binaries
     assert compiled.count("_matmul_bias_kernel") >= 3, done.stdout
     # the fused InfoNCE in fp32, fp64, bf16 and fp16; its backward with row statistics,
-    # column ones or both, in one or several BLOCK_D chunks
+    # column ones or both, in BLOCK_D chunks of two widths, or as strips of weights
     assert compiled.count("_lse_rows_kernel") >= 4, done.stdout
-    assert compiled.count("_ce_grad_kernel") >= 16, done.stdout
+    assert compiled.count("_ce_grad_kernel") >= 20, done.stdout
+    assert compiled.count("_ce_weight_kernel") >= 8, done.stdout
