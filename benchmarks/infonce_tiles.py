@@ -4,7 +4,7 @@
     ... --quick   # tiny shapes, two configurations each, on the CPU under TRITON_INTERPRET=1
                   # too (CI runs this, so the script cannot rot)
 
-Times the forward kernel (one direction's row log-sum-exps, s·P·Qᵀ of N x N), the
+Times the square forward (row and column log-sum-exps of s·P·Qᵀ, N x N, one pass), the
 backward kernel (dP with both sides' statistics, the square case's heaviest launch) and
 the strip route of the backward (both gradients) against the recompute route, for
 each tile configuration, bf16 inputs, median of a few runs after a warm-up (that compiles).
@@ -88,8 +88,8 @@ def main(argv=None):
     for cfg in fwd_configs:
         infonce.FWD_BLOCKS = cfg
         try:
-            nll = infonce.lse_rows(img, txt, s, ref, 0)
-            ms = timed(lambda: infonce.lse_rows(img, txt, s, ref, 0))
+            nll = torch.cat(infonce.lse_rows_and_cols(img, txt, s, ref))
+            ms = timed(lambda: infonce.lse_rows_and_cols(img, txt, s, ref))
         except Exception as e:  # out of shared memory or registers: say so, go on
             out["fwd"].append(dict(cfg=cfg, error=str(e)[:200]))
             print("fwd", cfg, "failed:", str(e)[:120], flush=True)
@@ -99,8 +99,7 @@ def main(argv=None):
         out["fwd"].append(dict(cfg=cfg, ms=ms, tflops=flop / ms / 1e9, max_diff=err))
         print(f"fwd {cfg}: {ms:.2f} ms, {flop / ms / 1e9:.0f} TFLOP/s, diff {err:.1e}", flush=True)
     infonce.FWD_BLOCKS = defaults[0]
-    side = stats(infonce.lse_rows(img, txt, s, ref, 0))
-    side_t = stats(infonce.lse_rows(txt, img, s, ref, 0))
+    side, side_t = map(stats, infonce.lse_rows_and_cols(img, txt, s, ref))
     first = None
     for cfg, dmax in bwd_configs:
         infonce.BWD_BLOCKS, infonce.BLOCK_D_MAX = cfg, dmax

@@ -4,7 +4,8 @@ A logit matrix is x = s·P·Qᵀ (P: [p, k] rows, Q: [q, k] columns). Two kernel
 flash-attention style, each a loop over column tiles whose products stay in registers:
 
 - ``_lse_rows_kernel``: the forward, nll[i] = logsumexp_j x_ij - ref[i] with an online
-  (max, sum) per row. A column's log-sum-exp is the row one of the transposed product.
+  (max, sum) per row. In the square case the same tiles also give each column's (max,
+  sum) over the program's rows, merged afterwards: one product for both directions.
 - ``_ce_grad_kernel``: the backward, dP = s·W·Q with W = dloss/dx formed per tile from the
   saved statistics of the rows (side p) and/or of the columns (side q): W_ij = gp·softmax -
   c per side, as csrc/tile_math.h's ce_weight. Both P's and Q's gradients come from this
@@ -48,6 +49,9 @@ BLOCK_D_MAX = 256
 WEIGHT_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 STRIP_ELEMENTS = 1 << 25
 BACKWARD = "auto"
+# The square forward's row blocks per launch (lse_rows_and_cols): two waves of programs on
+# an H100's 132 SMs, whose column partials are merged after each launch.
+COL_PROGRAMS = 256
 # The rows of a side's statistics (see side()).
 NLL, REF, GP, C_OFF, C_LABEL = range(5)
 
@@ -74,12 +78,15 @@ def _dots(p_ptr, q_ptr, rm, rn, P, Q, K, acc, BLOCK_K: tl.constexpr, PRECISION: 
 
 
 @triton.jit
-def _lse_rows_kernel(p_ptr, q_ptr, scale_ptr, ref_ptr, nll_ptr, P, Q, K, shift,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _lse_rows_kernel(p_ptr, q_ptr, scale_ptr, ref_ptr, nll_ptr, cmax_ptr, csum_ptr, P, Q, K,
+                     shift, r0, r_end, COLS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """Rows [r0, r_end): their nll; with COLS, also each column's (max, sum of exp) over
+    this program's rows, at row program_id of cmax / csum (merged by lse_rows_and_cols)."""
     acc_t = nll_ptr.dtype.element_ty
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rm < P
+    rm = (r0 + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rm < r_end
     s = tl.load(scale_ptr)
     ref = tl.load(ref_ptr + rm, mask=row_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), acc_t)
@@ -96,6 +103,14 @@ def _lse_rows_kernel(p_ptr, q_ptr, scale_ptr, ref_ptr, nll_ptr, P, Q, K, shift,
         e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new[:, None]))
         l_i = l_i * alpha + tl.sum(e, 1)
         m_i = m_new
+        if COLS:  # the square case's columns, from the same tile
+            xc = tl.where(row_ok[:, None], x, float("-inf"))
+            c_max = tl.max(xc, 0)
+            c_ref = tl.where(c_max == float("-inf"), 0.0, c_max)  # columns past Q
+            c_sum = tl.sum(tl.where(xc == float("-inf"), 0.0, tl.exp(xc - c_ref[None, :])), 0)
+            at = tl.program_id(0) * Q + rn
+            tl.store(cmax_ptr + at, c_max, mask=rn < Q)
+            tl.store(csum_ptr + at, c_sum, mask=rn < Q)
     tl.store(nll_ptr + rm, (m_i - ref) + tl.log(l_i), mask=row_ok)
 
 
@@ -202,9 +217,35 @@ def lse_rows(p, q, s, ref, shift):
     P, K = p.shape
     nll = torch.empty(P, device=p.device, dtype=s.dtype)
     _lse_rows_kernel[(triton.cdiv(P, FWD_BLOCKS["BLOCK_M"]),)](
-        p, q, s, ref, nll, P, q.shape[0], K, shift, PRECISION=DOT_PRECISION,
-        UPCAST=interpreted_bf16(p), **FWD_BLOCKS)
+        p, q, s, ref, nll, nll, nll, P, q.shape[0], K, shift, 0, P, COLS=False,
+        PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p), **FWD_BLOCKS)
     return nll
+
+
+def lse_rows_and_cols(a, b, s, ref):
+    """(nll of the rows, nll of the columns) of the square s·a·bᵀ (labels on the diagonal,
+    ref the label logits, the same for both): one pass over the tiles. Column partials of
+    COL_PROGRAMS row blocks at a time ([COL_PROGRAMS, N] (max, sum) pairs, 512 MiB at
+    N = 262144), merged across strips as the online log-sum-exp merges."""
+    P, K = a.shape
+    bm = FWD_BLOCKS["BLOCK_M"]
+    step = COL_PROGRAMS * bm
+    nll = torch.empty(P, device=a.device, dtype=s.dtype)
+    part = torch.empty(2, min(COL_PROGRAMS, triton.cdiv(P, bm)), P, device=a.device, dtype=s.dtype)
+    col_max = torch.full((P,), float("-inf"), device=a.device, dtype=s.dtype)
+    col_sum = torch.zeros(P, device=a.device, dtype=s.dtype)
+    for r0 in range(0, P, step):
+        programs = triton.cdiv(min(step, P - r0), bm)
+        _lse_rows_kernel[(programs,)](
+            a, b, s, ref, nll, part[0], part[1], P, P, K, 0, r0, min(r0 + step, P), COLS=True,
+            PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(a), **FWD_BLOCKS)
+        p_max, p_sum = part[0, :programs], part[1, :programs]
+        strip_max = p_max.amax(0)
+        strip_sum = (p_sum * torch.exp(p_max - strip_max)).sum(0)
+        new = torch.maximum(col_max, strip_max)
+        col_sum = col_sum * torch.exp(col_max - new) + strip_sum * torch.exp(strip_max - new)
+        col_max = new
+    return nll, (col_max - ref) + torch.log(col_sum)
 
 
 def d_chunks(K: int, block_d_max: int):
@@ -342,12 +383,15 @@ def _smoothed(nll, label, mean, s, eps):
 
 def _branch_forward(t, s, offset, eps):
     a_r, b_r, a_c, b_c = _columns(t)
-    out = []
-    for rows, cols in ((a_r, b_c), (b_r, a_c)):
-        label, mean = _label_dots(rows, cols, offset, eps, s.dtype)
-        nll = lse_rows(rows, cols, s, (label * s).contiguous(), offset)
-        out.append((_smoothed(nll, label, mean, s, eps), nll))
-    return out
+    dots = [_label_dots(rows, cols, offset, eps, s.dtype) for rows, cols in ((a_r, b_c), (b_r, a_c))]
+    if len(t) == 2:
+        # One matrix: its columns are direction ba's rows. Its label logits are the same
+        # dot products (a_i·b_i = b_i·a_i, summed in the same order).
+        nlls = lse_rows_and_cols(a_r, b_r, s, (dots[0][0] * s).contiguous())
+    else:
+        nlls = [lse_rows(rows, cols, s, (label * s).contiguous(), offset)
+                for (rows, cols), (label, _) in zip(((a_r, b_c), (b_r, a_c)), dots)]
+    return [(_smoothed(nll, label, mean, s, eps), nll) for nll, (label, mean) in zip(nlls, dots)]
 
 
 def dual_ce(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0):

@@ -24,9 +24,11 @@ SHAPES = [(1, 3, 5, None), (7, 21, 13, 1), (33, 65, 31, None), (66, 131, 300, 9)
 @pytest.mark.parametrize("route", ["auto", "recompute", "strips"])
 def test_matches_reference(triton_device, dtype, square, eps, route, monkeypatch):
     # The backward's two routes (kernels/infonce.py: ce_grad, strips_backward) and auto's
-    # choice between them by width; strips of 64 rows, so that 66 rows make two.
+    # choice between them by width; strips of 64 rows, so that 66 rows make two (in the
+    # backward, and in the square forward's column merge).
     monkeypatch.setattr(infonce, "BACKWARD", route)
     monkeypatch.setattr(infonce, "STRIP_ELEMENTS", 1)
+    monkeypatch.setattr(infonce, "COL_PROGRAMS", 1)
     shapes = SHAPES if dtype in (torch.float64, torch.float32) else SHAPES[1:3]
     for B, N, d, d_comp in shapes:
         _compare(B, B if square else N, d, dtype, triton_device, square, eps, d_comp=d_comp,
@@ -147,6 +149,7 @@ def test_narrow_chunks_and_other_tiles_give_the_same_result(triton_device, monke
     monkeypatch.setattr(infonce, "BWD_BLOCKS", dict(infonce.BWD_BLOCKS, BLOCK_M=32, BLOCK_N=16, BLOCK_K=32))
     monkeypatch.setattr(infonce, "WEIGHT_BLOCKS", dict(infonce.WEIGHT_BLOCKS, BLOCK_M=16, BLOCK_N=32))
     monkeypatch.setattr(infonce, "STRIP_ELEMENTS", 1)  # strips of 16 rows
+    monkeypatch.setattr(infonce, "COL_PROGRAMS", 1)  # column merges over strips of 16 rows
     for route in ("recompute", "strips"):
         monkeypatch.setattr(infonce, "BACKWARD", route)
         for square in (True, False):

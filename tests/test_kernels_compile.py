@@ -26,6 +26,6 @@ def test_every_kernel_compiles_for_sm90():
     assert compiled.count("_matmul_bias_kernel") >= 3, done.stdout
     # the fused InfoNCE in fp32, fp64, bf16 and fp16; its backward with row statistics,
     # column ones or both, in BLOCK_D chunks of two widths, or as strips of weights
-    assert compiled.count("_lse_rows_kernel") >= 4, done.stdout
+    assert compiled.count("_lse_rows_kernel") >= 8, done.stdout  # rows only, rows and columns
     assert compiled.count("_ce_grad_kernel") >= 20, done.stdout
     assert compiled.count("_ce_weight_kernel") >= 8, done.stdout
