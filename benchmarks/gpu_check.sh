@@ -54,11 +54,12 @@ stage_tests() {  # the whole suite: GPU tests and the Triton kernels run compile
   done
 }
 
-stage_memcheck() {
-  for b in cuda triton; do
+stage_memcheck() {  # d=96: the fused InfoNCE's recompute route; d=300: its strip route
+  for run in "cuda 96" "triton 96" "triton 300"; do
+    set -- $run
     (cd /tmp && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m himo_fast --device cuda --n 257 --d 96 --steps 1 --backend $b 2>&1 | tail -4
-     echo "memcheck $b: rc=${PIPESTATUS[0]}")
+      python3 -m himo_fast --device cuda --n 257 --d $2 --steps 1 --backend $1 2>&1 | tail -4
+     echo "memcheck $1 d=$2: rc=${PIPESTATUS[0]}")
   done
 }
 

@@ -223,6 +223,16 @@ def _ce_weight_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, w_ptr, ds
 
 # ---------------------------------------------------------------- launches
 
+def dot_precision(t: torch.Tensor) -> str:
+    """tl.dot's precision for fp32 features: torch's own matmul setting, as for the strip
+    driver's cuBLAS products and ClipLoss's logits (open_clip's training turns TF32 on:
+    the logits then carry TF32's 1e-3 relative error, which SPEC 4's fp32 bar assumes off);
+    IEEE by default. bf16/fp16 products are exact either way."""
+    if t.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return DOT_PRECISION
+
+
 def interpreted_bf16(t: torch.Tensor) -> bool:
     """Whether to widen bf16 operands to fp32 before tl.dot: Triton 3.8's interpreter
     multiplies bf16 tiles wrongly (errors of 1e10; fp16 is right). A product of two bf16
@@ -237,7 +247,7 @@ def lse_rows(p, q, s, ref, shift):
     nll = torch.empty(P, device=p.device, dtype=s.dtype)
     _lse_rows_kernel[(triton.cdiv(P, FWD_BLOCKS["BLOCK_M"]),)](
         p, q, s, ref, nll, nll, nll, P, q.shape[0], K, shift, 0, P, COLS=False,
-        PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p), **FWD_BLOCKS)
+        PRECISION=dot_precision(p), UPCAST=interpreted_bf16(p), **FWD_BLOCKS)
     return nll
 
 
@@ -257,7 +267,7 @@ def lse_rows_and_cols(a, b, s, ref):
         programs = triton.cdiv(min(step, P - r0), bm)
         _lse_rows_kernel[(programs,)](
             a, b, s, ref, nll, part[0], part[1], P, P, K, 0, r0, min(r0 + step, P), COLS=True,
-            PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(a), **FWD_BLOCKS)
+            PRECISION=dot_precision(a), UPCAST=interpreted_bf16(a), **FWD_BLOCKS)
         p_max, p_sum = part[0, :programs], part[1, :programs]
         strip_max = p_max.amax(0)
         strip_sum = (p_sum * torch.exp(p_max - strip_max)).sum(0)
@@ -290,7 +300,7 @@ def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
             p, q, s, side_p if side_p is not None else s, side_q if side_q is not None else s,
             dp, ds, P, q.shape[0], K, shift, d0, HAS_P=side_p is not None,
             HAS_Q=side_q is not None, NEED_DS=need_ds and i == 0, BLOCK_D=block_d,
-            PRECISION=DOT_PRECISION, UPCAST=interpreted_bf16(p), **BWD_BLOCKS)
+            PRECISION=dot_precision(p), UPCAST=interpreted_bf16(p), **BWD_BLOCKS)
     return dp, (ds if need_ds else None)
 
 
@@ -323,7 +333,7 @@ def strips_backward(p, q, s, side_p, side_q, shift):
         rows = min(step, P - r0)
         _ce_weight_kernel[(triton.cdiv(rows, b["BLOCK_M"]), tiles)](
             p, q, s, side_p, side_q if side_q is not None else s, w, dsp, P, Q, K, shift, r0,
-            r0 + rows, HAS_Q=side_q is not None, PRECISION=DOT_PRECISION,
+            r0 + rows, HAS_Q=side_q is not None, PRECISION=dot_precision(p),
             UPCAST=interpreted_bf16(p), **b)
         dp[r0:r0 + rows] = _mm_acc(w[:rows], q) * s
         dq += _mm_acc(w[:rows].T, p[r0:r0 + rows])

@@ -76,6 +76,12 @@ def wrappers():
             ce, nll = infonce.dual_ce(rows + cols, rows + cols, s, 0, 0.1)
             infonce.dual_ce_backward(ce, nll, nll, rows + cols, rows + cols, s, 0, 0.1)
     infonce.BACKWARD = "auto"
+    torch.set_float32_matmul_precision("high")  # fp32 features with TF32 allowed (open_clip's)
+    rows = [torch.randn(24, 40) for _ in range(2)]
+    s = torch.tensor(9.0)
+    ce, nll = infonce.dual_ce(rows, rows, s, 0, 0.1)
+    infonce.dual_ce_backward(ce, nll, nll, rows, rows, s, 0, 0.1)
+    torch.set_float32_matmul_precision("highest")
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from himo_fast import backends, ops
+from himo_fast.reference import dual_infonce_reference as reference_dual_infonce
 from himo_fast.kernels import infonce
 from conftest import run_fresh, assert_ran
 from test_dual_infonce import _branches, _compare, _inputs, _one_pair_has_exactly_zero_gradient
@@ -161,3 +162,46 @@ def test_auto_route_is_strips_only_where_dp_chunks_would_repeat():
     assert infonce.BACKWARD == "auto"
     assert not infonce.use_strips(73) and not infonce.use_strips(256)
     assert infonce.use_strips(257) and infonce.use_strips(768)
+
+
+def test_torch_compile_fullgraph_equals_eager(triton_device):
+    # The op is opaque to Dynamo; AOTAutograd traces it with its fake kernel and compiles
+    # the backward through its registered autograd.
+    rows, cols = _inputs(10, 30, 8, torch.float64, triton_device, square=False, d_comp=3)
+    scale = torch.tensor(7.0, dtype=torch.float64, device=triton_device, requires_grad=True)
+    leaves = rows + cols + [scale]
+    fn = _fused(triton_device)
+    loss = lambda *a: sum(fn(((a[0], a[1]), (a[2], a[3])), ((a[4], a[5]), (a[6], a[7])), a[8], 10, 0.1))
+    compiled = torch.compile(loss, fullgraph=True)
+
+    def step(f):
+        for t in leaves:
+            t.grad = None
+        out = f(*leaves)
+        out.backward()
+        return [out.detach()] + [t.grad.clone() for t in leaves]
+
+    for a, b in zip(step(compiled), step(loss)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_dot_precision_follows_torch_matmul_setting(triton_device):
+    # open_clip's training sets allow_tf32: the fused kernels then take TF32 products, as
+    # torch.mm does for ClipLoss's logits and the strip driver's; IEEE by default.
+    t = torch.randn(3, 4, device=triton_device)
+    assert infonce.dot_precision(t) == "ieee"
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert infonce.dot_precision(t) == "tf32"
+        assert infonce.dot_precision(t.double()) == "ieee" and infonce.dot_precision(t.bfloat16()) == "ieee"
+        # TF32's products: within its 10-bit mantissa of the reference (SPEC 4's fp32
+        # bar assumes IEEE products)
+        rows, _ = _inputs(33, 33, 31, torch.float32, triton_device)
+        scale = torch.tensor(13.0, device=triton_device)
+        g, c = _fused(triton_device)(((rows[0], rows[1]), (rows[2], rows[3])), None, scale, 0, 0.1)
+        up = [t.detach().double().cpu() for t in rows]
+        gr, cr = reference_dual_infonce(((up[0], up[1]), (up[2], up[3])), None, scale.double().cpu(), 0, 0.1)
+        assert abs(g.item() - gr.item()) < 1e-2 and abs(c.item() - cr.item()) < 1e-2
+    finally:
+        torch.set_float32_matmul_precision(old)
