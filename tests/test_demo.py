@@ -49,3 +49,14 @@ def test_train_step_benchmark_quick(tmp_path):
     for r in rows:
         assert r["median_s"] > 0 and r["samples_per_s"] > 0 and r["batch"] == 128
         assert r["host_syncs_per_step"] is None  # no device on the CPU
+
+
+def test_train_step_benchmark_runs_the_triton_backend(tmp_path, triton_device):
+    # molo-triton (the GPU default's extra row: the fused dual InfoNCE) runs here through
+    # the interpreter, on the CPU when there is no GPU.
+    from himo_fast.train import bench
+    out = tmp_path / "steps.json"
+    bench.main(["train-step", "--config", "cpu", "--loss", "molo-triton", "--steps", "1",
+                "--warmup", "0", "--device", triton_device.type, "--json", str(out)])
+    (row,) = json.loads(out.read_text())["train_step"]
+    assert row["loss"] == "molo-triton" and row["median_s"] > 0

@@ -161,7 +161,8 @@ def main(argv=None) -> None:
     t = sub.add_parser("train-step", help="open_clip training step: ClipLoss vs MoLo vs the authors' loss")
     t.add_argument("--config", nargs="+", default=None,
                    help="cpu (default without a GPU) | b16 l14-long b16-max (default on a GPU)")
-    t.add_argument("--loss", nargs="+", default=None, help="clip molo official (default: all)")
+    t.add_argument("--loss", nargs="+", default=None,
+                   help="clip molo official molo-triton (default: all; molo-triton on a GPU only)")
     t.add_argument("--device", default=None)
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
@@ -173,7 +174,8 @@ def main(argv=None) -> None:
         from . import train_step
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         configs = a.config or (["b16", "l14-long", "b16-max"] if device.type == "cuda" else ["cpu"])
-        train_step.run(configs, a.loss or list(train_step.LOSSES), device, a.steps, a.warmup, a.json)
+        losses = a.loss or list(train_step.GPU_LOSSES if device.type == "cuda" else train_step.LOSSES)
+        train_step.run(configs, losses, device, a.steps, a.warmup, a.json)
         return
     md, image = report(a.results, png=not a.no_png)
     print(f"wrote {md}" + (f" and {image}" if image else ""))

@@ -2,7 +2,8 @@
 
 open_clip's own model and step (forward, loss, backward, AdamW step; open_clip_train's
 autocast for ``amp_bf16``) on generated images and texts, with (a) open_clip's ClipLoss,
-(b) ``himo_fast.MoLo`` on the ``auto`` backend, (c) the authors' loss (tests/official.py,
+(b) ``himo_fast.MoLo`` on the ``auto`` backend (and, on a GPU, ``molo-triton``: the
+``triton`` backend's fused dual InfoNCE), (c) the authors' loss (tests/official.py,
 where the source tree is at hand). For each: samples/s, the step time's median and spread
 (p10-p90), peak memory above the start of the step, and the host syncs per step that
 torch sees (CUDA: ``torch.cuda.set_sync_debug_mode``; "n/a" on the CPU, where there is no
@@ -36,6 +37,8 @@ CONFIGS = {
     "b16-max": dict(model="ViT-B-16", batch=None, precision="amp_bf16", ranks=1, context=None),
 }
 LOSSES = ("clip", "molo", "official")
+# On a GPU also MoLo on the triton backend (its fused dual InfoNCE), beside auto's choice.
+GPU_LOSSES = LOSSES + ("molo-triton",)
 
 
 def _official():
@@ -69,12 +72,13 @@ def _loss_fn(name: str, others):
             return 0.5 * (F.cross_entropy(s * v @ all_u.T, labels)
                           + F.cross_entropy(s * u @ all_v.T, labels))
         return clip_local
-    if name == "molo":
+    if name in ("molo", "molo-triton"):
+        backend = "triton" if name == "molo-triton" else "auto"
         if others is None:
-            return himo_fast.MoLo()
+            return himo_fast.MoLo(backend=backend)
 
         def molo_local(v, u, s):  # MoLo's local-loss recipe, one rank, gather simulated
-            impl = backends.select("auto", v)
+            impl = backends.select(backend, v)
             with backends.no_autocast(v):
                 v, u = v.float(), u.float()
                 comp = materialize(impl.hide_factors(u, 0.9))
