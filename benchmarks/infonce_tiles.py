@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
+import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from goals import DEVICE, median_ms  # noqa: E402  (the same timing as the goal tables)
 
 # About 20 configurations, a compile each (seconds): the sweep fits one device call.
 FWD = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=3)
@@ -34,26 +38,6 @@ BWD = [(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, num_warps=8, num_stages=st), dmax
        if m * dmax <= 64 * 512]  # the fp32 accumulator: at most 128 registers a thread
 WEIGHT = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, num_warps=w, num_stages=3)
           for m, n, w in ((64, 64, 4), (128, 64, 8), (128, 128, 8), (64, 128, 4))]
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, rounds=5):
-    fn()
-    _sync()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
@@ -89,7 +73,7 @@ def main(argv=None):
         infonce.FWD_BLOCKS = cfg
         try:
             nll = torch.cat(infonce.lse_rows_and_cols(img, txt, s, ref))
-            ms = timed(lambda: infonce.lse_rows_and_cols(img, txt, s, ref))
+            ms = median_ms(lambda: infonce.lse_rows_and_cols(img, txt, s, ref), 5)
         except Exception as e:  # out of shared memory or registers: say so, go on
             out["fwd"].append(dict(cfg=cfg, error=str(e)[:200]))
             print("fwd", cfg, "failed:", str(e)[:120], flush=True)
@@ -106,7 +90,7 @@ def main(argv=None):
         call = lambda: infonce.ce_grad(img, txt, s, side, side_t, 0, True)
         try:
             dp, _ = call()
-            ms = timed(call)
+            ms = median_ms(call, 5)
         except Exception as e:
             out["bwd"].append(dict(cfg=cfg, block_d_max=dmax, error=str(e)[:200]))
             print("bwd", cfg, dmax, "failed:", str(e)[:120], flush=True)
@@ -124,7 +108,7 @@ def main(argv=None):
     # recompute = ce_grad twice (default tiles), strips = W strips + cuBLAS per WEIGHT tile.
     both = lambda: (infonce.ce_grad(img, txt, s, side, side_t, 0, True),
                     infonce.ce_grad(txt, img, s, side_t, side, 0, False))
-    out["recompute_ms"] = timed(both)
+    out["recompute_ms"] = median_ms(both, 5)
     print(f"backward, both gradients, recompute route: {out['recompute_ms']:.2f} ms", flush=True)
     want = both()[0][0].float()
     out["strips"] = []
@@ -133,7 +117,7 @@ def main(argv=None):
         call = lambda: infonce.strips_backward(img, txt, s, side, side_t, 0)
         try:
             dp = call()[0]
-            ms = timed(call)
+            ms = median_ms(call, 5)
         except Exception as e:
             out["strips"].append(dict(cfg=cfg, error=str(e)[:200]))
             print("strips", cfg, "failed:", str(e)[:120], flush=True)
