@@ -1,10 +1,13 @@
-"""Triton kernels of HiDe, one module per pipeline stage (installed as himo_fast.kernels).
-A leaf: they import torch and triton, never himo_fast; himo_fast.backends composes them.
+"""Triton kernels of himo_fast, one module per pipeline stage (installed as
+himo_fast.kernels). A leaf: they import torch and triton, never himo_fast;
+himo_fast.backends and himo_fast.ops compose them.
 
 - ``centre``: batch centring (mean + X̂) and the centred Gram / covariance matrix;
 - ``eigh``: a parallel Jacobi eigensolver whose launches a CUDA graph can capture;
 - ``reconstruct``: the factor products of the reconstruction and of the component
-  similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward.
+  similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward;
+- ``infonce``: the fused dual InfoNCE (the op himo_fast::fused_dual_ce), forward and
+  backward, imported by its op when it first runs.
 
 They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests
 them).

@@ -1,6 +1,6 @@
-"""The dual InfoNCE in fused Triton tiles: no logit matrix, not even a strip, in memory.
+"""The dual InfoNCE in fused Triton tiles: no logit matrix in memory.
 
-A logit matrix is x = s·P·Qᵀ (P: [p, k] rows, Q: [q, k] columns). Two kernels, both
+A logit matrix is x = s·P·Qᵀ (P: [p, k] rows, Q: [q, k] columns). The kernels are
 flash-attention style, each a loop over column tiles whose products stay in registers:
 
 - ``_lse_rows_kernel``: the forward, nll[i] = logsumexp_j x_ij - ref[i] with an online
@@ -16,6 +16,8 @@ flash-attention style, each a loop over column tiles whose products stay in regi
   written once, in the inputs' dtype, to a bounded strip of rows, which two cuBLAS
   products turn into dP and dQ. At d = 768 that is one recompute of the tiles instead of
   six (3 chunks x 2 sides), for 6 bytes of memory traffic per logit (use_strips decides).
+  The weights, never the logits, and a bounded strip of them (STRIP_ELEMENTS).
+- ``_row_dots_kernel``: the label logits (and the label-smoothing means), O(N·d).
 
 Label logits. Element (i, i + shift) is the label of its row. Its logit is the one the
 caller passes (``ref``: s·a_i·b_label, an O(N·d) dot product), in the forward and in
@@ -52,8 +54,6 @@ BACKWARD = "auto"
 # The square forward's row blocks per launch (lse_rows_and_cols): two waves of programs on
 # an H100's 132 SMs, whose column partials are merged after each launch.
 COL_PROGRAMS = 256
-# The rows of a side's statistics (see side()).
-NLL, REF, GP, C_OFF, C_LABEL = range(5)
 
 
 @triton.jit
