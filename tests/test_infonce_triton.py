@@ -110,8 +110,10 @@ def test_bad_input_is_refused_before_any_work(triton_device):
 
 
 def test_cuda_memory_stays_far_below_one_n_by_n_matrix(cuda):
-    # N=16384, d=512, bf16, square, forward + backward: one N x N fp32 matrix is 1 GiB;
-    # the fused kernels keep O(N) statistics beyond the inputs and their gradients.
+    # N=16384, d=512, bf16, square, forward + backward: one N x N fp32 matrix is 1 GiB.
+    # Beyond the inputs and their gradients: at d=512 the strip route's 64 MiB strip of
+    # weights and its 32 MiB fp32 accumulator (the forward's column partials, 32 MiB, are
+    # gone by then), plus O(N) statistics.
     out = run_fresh("""
 import torch
 from himo_fast import backends
@@ -130,7 +132,7 @@ print(base, torch.cuda.max_memory_allocated())
     grads = 4 * 16384 * 512 * 2
     extra = peak - base - grads
     print(f"extra {extra / 2**20:.1f} MiB beyond inputs and gradients")
-    assert extra < 64 * 2**20
+    assert extra < 160 * 2**20
 
 
 def test_d_chunks_cover_every_column_once():
