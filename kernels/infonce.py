@@ -385,6 +385,8 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
             raise ValueError(f"row tensors must have {B} rows and column tensors {N}")
     if B < 1:
         raise ValueError("empty batch")
+    if N < B:
+        raise ValueError(f"{N} columns < {B} rows: each row's label is one of the columns")
     if not 0 <= label_offset <= N - B:
         raise ValueError(f"label_offset must be in [0, {N - B}] for {B} rows and {N} "
                          f"columns, got {label_offset}")

@@ -107,6 +107,10 @@ def test_bad_input_is_refused_before_any_work(triton_device):
         infonce.dual_ce([g[0], g[1][:, :3]], c, s, 0, 0.0)
     with pytest.raises(ValueError, match="rows"):
         infonce.dual_ce([g[0], g[1][:3]], c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="columns < 4 rows"):
+        infonce.dual_ce(g + [g[0][:2], g[1][:2]], c + [c[0][:2], c[1][:2]], s, 0, 0.0)
+    with pytest.raises(ValueError, match="must be"):
+        infonce.dual_ce([], c, s, 0, 0.0)
 
 
 def test_cuda_memory_stays_far_below_one_n_by_n_matrix(cuda):
