@@ -219,6 +219,9 @@ def largest_batch(loss_name: str, device, start: int = 256, limit: int = 1 << 15
 
 def run(configs, losses, device, steps, warmup, out: Path | None) -> list[dict]:
     from tqdm import tqdm
+    if device.type == "cuda":  # what open_clip_train's main() sets before it trains
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     # A discarded run first: the process's first measured loss was ≈ 15 % slower, whichever
     # it was (allocator growth, thread pools), on the CPU.
     first = next((c for c in configs if c != "b16-max"), None)
