@@ -89,7 +89,9 @@ def _worker(rank, init_file, backends):
 
 def test_two_process_gloo_modes():
     import himo_fast
-    backends = [b for b in ("reference", "cpu") if b in himo_fast.available_backends("cpu")]
+    # triton: its Triton kernels (HiDe and the fused dual InfoNCE) through the interpreter
+    # here, so the gathered, rectangular recipe goes through the fused op too.
+    backends = [b for b in ("reference", "cpu", "triton") if b in himo_fast.available_backends("cpu")]
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "init"), backends), nprocs=WORLD, join=True)
 
