@@ -3,11 +3,13 @@ the float64 reference: on the GPU, else on CPU tensors under Triton's interprete
 import pytest
 import torch
 
-from himo_fast import backends, ops
-from himo_fast.reference import dual_infonce_reference as reference_dual_infonce
-from himo_fast.kernels import infonce
-from conftest import run_fresh, assert_ran
-from test_dual_infonce import _branches, _compare, _inputs, _one_pair_has_exactly_zero_gradient
+pytest.importorskip("triton")
+
+from himo_fast import backends, ops  # noqa: E402
+from himo_fast.reference import dual_infonce_reference as reference_dual_infonce  # noqa: E402
+from himo_fast.kernels import infonce  # noqa: E402
+from conftest import run_fresh, assert_ran  # noqa: E402
+from test_dual_infonce import _branches, _compare, _inputs, _one_pair_has_exactly_zero_gradient  # noqa: E402,E501
 
 
 def _fused(device):
