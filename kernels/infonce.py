@@ -236,9 +236,9 @@ def dot_precision(t: torch.Tensor) -> str:
 def interpreted_bf16(t: torch.Tensor) -> bool:
     """Whether to widen bf16 operands to fp32 before tl.dot: Triton's interpreter multiplies
     the raw bit patterns of bf16 tiles (errors of 1e10; fp16 is right; triton-lang/triton
-    #11584, "we just don't support it yet"). A product of two bf16
-    values is exact in fp32 and tensor cores accumulate in fp32, so the widened dot is the
-    GPU's arithmetic up to summation order. Compiled kernels keep bf16."""
+    #11584, "we just don't support it yet"). A product of two bf16 values is exact in
+    fp32 and tensor cores accumulate in fp32, so the widened dot is the GPU's arithmetic up
+    to summation order. Compiled kernels keep bf16."""
     return t.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
