@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,10 +65,9 @@ class Backend:
 def _cpu_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, strip_rows=0):
     b = rows[0][0].shape[0]
     n = b if cols is None else cols[0][0].shape[0]
-    jobs = 1 if cols is None else 2  # GEMMs per branch
+    kept = math.prod(ops.kept_logits_shape(b, n, cols is None))
     return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
-                                 keep_logits=2 * jobs * b * n <= CPU_LOGITS_KEPT,
-                                 strip_rows=strip_rows)
+                                 keep_logits=kept <= CPU_LOGITS_KEPT, strip_rows=strip_rows)
 
 
 def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, strip_rows=0):

@@ -22,10 +22,9 @@ while torch.compile traces.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from . import _extension
-
-from torch import Tensor
 
 _LIB = "himo_fast"
 _DUAL_CE_OPTIONS = (0, 0.0, False, 0)  # label_offset, label_smoothing, keep_logits, strip_rows
@@ -41,12 +40,33 @@ def _refuse_double_backward():
             "whose gradients are differentiable to any order")
 
 
+def _per_row(global_branch, scale):
+    """An empty [4, B] in the accumulation dtype: the shape of ce and of nll (fake kernels)."""
+    a = global_branch[0]
+    return a.new_empty((4, a.shape[0]), dtype=scale.dtype)
+
+
+def _grads_like(global_branch, comp_branch, scale):
+    """Empty gradients of the branches and the scale (the backward ops' fake kernels)."""
+    return ([torch.empty_like(t) for t in global_branch],
+            [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
+
+
+def _ready(grad, like):
+    """An upstream gradient as the backward ops take it: contiguous, zeros where None."""
+    return grad.contiguous() if grad is not None else torch.zeros_like(like)
+
+
+def kept_logits_shape(b: int, n: int, square: bool) -> tuple[int, int, int]:
+    """The shape of dual_ce's kept logits: one GEMM per branch square, two otherwise."""
+    return (2 if square else 4, b, n)
+
+
 def _logits_shape(global_branch, keep_logits):
     b = global_branch[0].shape[0]
     square = len(global_branch) == 2
     n = b if square else global_branch[2].shape[0]
-    jobs = 1 if square else 2  # GEMMs per branch
-    return (2 * jobs, b, n) if keep_logits else (0,)
+    return kept_logits_shape(b, n, square) if keep_logits else (0,)
 
 
 def _register() -> bool:
@@ -56,16 +76,14 @@ def _register() -> bool:
     @torch.library.register_fake(f"{_LIB}::dual_ce")
     def _(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0,
           keep_logits=False, strip_rows=0):
-        a = global_branch[0]
-        out = lambda: a.new_empty((4, a.shape[0]), dtype=scale.dtype)
-        return out(), out(), a.new_empty(_logits_shape(global_branch, keep_logits),
-                                         dtype=scale.dtype)
+        return (_per_row(global_branch, scale), _per_row(global_branch, scale),
+                global_branch[0].new_empty(_logits_shape(global_branch, keep_logits),
+                                           dtype=scale.dtype))
 
     @torch.library.register_fake(f"{_LIB}::dual_ce_backward")
     def _(grad_ce, grad_nll, nll, logits, global_branch, comp_branch, scale, label_offset=0,
           label_smoothing=0.0, strip_rows=0):
-        return ([torch.empty_like(t) for t in global_branch],
-                [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
+        return _grads_like(global_branch, comp_branch, scale)
 
     def setup_context(ctx, inputs, output):
         global_branch, comp_branch, scale, *options = inputs
@@ -82,10 +100,9 @@ def _register() -> bool:
         n_global, n_comp = ctx.counts
         global_branch, comp_branch = saved[:n_global], saved[n_global:n_global + n_comp]
         scale = saved[-1]
-        ready = lambda g: g.contiguous() if g is not None else torch.zeros_like(nll)
         d_global, d_comp, d_scale = torch.ops.himo_fast.dual_ce_backward(
-            ready(grad_ce), ready(grad_nll), nll, logits, global_branch, comp_branch, scale,
-            *ctx.options)
+            _ready(grad_ce, nll), _ready(grad_nll, nll), nll, logits, global_branch, comp_branch,
+            scale, *ctx.options)
         d_scale = d_scale.to(scale.dtype).reshape(scale.shape)
         return list(d_global), list(d_comp), d_scale, None, None, None, None
 
@@ -99,6 +116,8 @@ def _register() -> bool:
 
 
 REGISTERED = _register()
+# Whether sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
+SYM_EIGH_ON_CUDA = REGISTERED and _extension.extension().built_with_cusolver()
 
 
 @torch.library.custom_op(f"{_LIB}::fused_dual_ce", mutates_args=(), device_types=("cuda", "cpu"))
@@ -122,16 +141,13 @@ def fused_dual_ce_backward(grad_ce: Tensor, grad_nll: Tensor, nll: Tensor,
 
 @fused_dual_ce.register_fake
 def _(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0):
-    a = global_branch[0]
-    return (a.new_empty((4, a.shape[0]), dtype=scale.dtype),
-            a.new_empty((4, a.shape[0]), dtype=scale.dtype))
+    return _per_row(global_branch, scale), _per_row(global_branch, scale)
 
 
 @fused_dual_ce_backward.register_fake
 def _(grad_ce, grad_nll, nll, global_branch, comp_branch, scale, label_offset=0,
       label_smoothing=0.0):
-    return ([torch.empty_like(t) for t in global_branch],
-            [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
+    return _grads_like(global_branch, comp_branch, scale)
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -145,16 +161,13 @@ def _fused_backward(ctx, grad_ce, grad_nll):
     _refuse_double_backward()
     *saved, scale, nll = ctx.saved_tensors
     n_global = ctx.counts[0]
-    ready = lambda g: g.contiguous() if g is not None else torch.zeros_like(nll)
     d_global, d_comp, d_scale = fused_dual_ce_backward(
-        ready(grad_ce), ready(grad_nll), nll, saved[:n_global], saved[n_global:], scale,
-        *ctx.options)
+        _ready(grad_ce, nll), _ready(grad_nll, nll), nll, saved[:n_global], saved[n_global:],
+        scale, *ctx.options)
     return list(d_global), list(d_comp), d_scale.reshape(scale.shape), None, None
 
 
 fused_dual_ce.register_autograd(_fused_backward, setup_context=_fused_setup_context)
-# Whether sym_eigh has its cuSOLVER kernel (csrc/sym_eigh_cuda.cu).
-SYM_EIGH_ON_CUDA = REGISTERED and _extension.extension().built_with_cusolver()
 
 
 def dual_ce(global_branch, comp_branch, scale, label_offset: int = 0,

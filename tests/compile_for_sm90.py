@@ -66,6 +66,11 @@ def wrappers():
         kernels.matmul_bias(u, u.T, bias=torch.randn(40))
     kernels.jacobi_eigh(torch.eye(6, dtype=torch.float64), sweeps=1)
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular
+
+    def forward_backward(branch, s):
+        ce, nll = infonce.dual_ce(branch, branch, s, 0, 0.1)
+        infonce.dual_ce_backward(ce, nll, nll, branch, branch, s, 0, 0.1)
+
     for dtype, route in itertools.product(
             (torch.float32, torch.float64, torch.bfloat16, torch.float16), ("recompute", "strips")):
         infonce.BACKWARD = route
@@ -73,14 +78,10 @@ def wrappers():
         for n, width in ((40, 24), (24, 600)):
             rows = [torch.randn(24, width).to(dtype) for _ in range(2)]
             cols = [torch.randn(n, width).to(dtype) for _ in range(2)] if n != 24 else []
-            ce, nll = infonce.dual_ce(rows + cols, rows + cols, s, 0, 0.1)
-            infonce.dual_ce_backward(ce, nll, nll, rows + cols, rows + cols, s, 0, 0.1)
+            forward_backward(rows + cols, s)
     infonce.BACKWARD = "auto"
     torch.set_float32_matmul_precision("high")  # fp32 features with TF32 allowed (open_clip's)
-    rows = [torch.randn(24, 40) for _ in range(2)]
-    s = torch.tensor(9.0)
-    ce, nll = infonce.dual_ce(rows, rows, s, 0, 0.1)
-    infonce.dual_ce_backward(ce, nll, nll, rows, rows, s, 0, 0.1)
+    forward_backward([torch.randn(24, 40) for _ in range(2)], torch.tensor(9.0))
     torch.set_float32_matmul_precision("highest")
 
 
