@@ -28,6 +28,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 import himo_fast  # noqa: E402
 from himo_fast import backends  # noqa: E402
 from himo_fast.factors import materialize  # noqa: E402
+from himo_fast.train import step_timing  # noqa: E402
 from official import official_hide  # noqa: E402
 import test_losses as losses  # noqa: E402  (the workloads' step builders, shared)
 
@@ -109,7 +110,7 @@ def hide_table(quick: bool, rounds: int):
                         f"{ours:.3f} ms vs {theirs:.3f} ms"))
     graph_goal = "<= 1.0x eager"
     if CUDA:
-        from himo_fast.train import step_timing, train_step
+        from himo_fast.train import train_step
         a = SimpleNamespace(n=cols, d=d, steps=max(rounds, 3), device="cuda", tau=0.9)
         loss = himo_fast.MoLo(backend="triton")
         scale = torch.tensor(100.0, device="cuda", requires_grad=True)
@@ -221,25 +222,11 @@ def infonce_table(quick: bool, rounds: int):
             rows.append(missing(name, "<= 0.1 ms", "needs CUDA"))
             continue
         try:
-            t = median_ms(graphed(step), rounds)
+            t = median_ms(step_timing.capture(step)[0].replay, rounds)
             rows.append(row(name, t, "<= 0.1 ms", t <= 0.1, "ms"))
         except Exception as e:  # not capturable: say why
             rows.append(row(name, None, "<= 0.1 ms", False, note=f"capture failed: {e}"[:200]))
     return rows
-
-
-def graphed(step):
-    """step captured once as a CUDA graph (after warm-up on a side stream); its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def main(argv=None):

@@ -63,6 +63,21 @@ def _eager_steps(loss, a, dtype, scale, g):
     return out, u, times
 
 
+def capture(step):
+    """``step`` captured once as a CUDA graph, after two warm-up calls on a side stream
+    (compiles, workspaces): (the graph, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def _graph_steps(loss, a, dtype, scale, g):
     """The step captured once on static inputs, then per batch: copy in, replay."""
     v, u = clip_like_features(a.n, a.d, a.device, dtype, g)
@@ -73,15 +88,7 @@ def _graph_steps(loss, a, dtype, scale, g):
         out = loss(v, u, scale, output_dict=True)
         sum(out.values()).backward()
         return out
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture (compiles, workspaces)
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     times = []
     for _ in range(a.steps + 1):
         new_v, new_u = clip_like_features(a.n, a.d, a.device, dtype, g)
