@@ -120,10 +120,15 @@ def _warn_slow_capture(k: int) -> None:
 
 
 def _capturable_eigh(a):
-    """The triton backend's eigensolver on CUDA: syevd (sync-free) eagerly; while the
-    current stream is capturing a graph, XsyevBatched up to SYEV_BATCHED_CAPTURE_MAX and
-    the Triton Jacobi kernels above it (nothing else torch or cuSOLVER ships captures)."""
+    """The triton backend's eigensolver on CUDA. Up to kernels.eigh.SMALL_MAX (the
+    per-rank Gram matrix of the paper's recipe, 128²): the Triton tridiagonal solver,
+    eagerly and while capturing (sync-free, capturable, no cuSOLVER latency). Above it:
+    syevd (sync-free) eagerly; while the current stream is capturing a graph, XsyevBatched
+    up to SYEV_BATCHED_CAPTURE_MAX and the Triton Jacobi kernels above it (nothing else
+    torch or cuSOLVER ships captures)."""
     from . import kernels
+    if a.shape[0] <= kernels.eigh.SMALL_MAX:
+        return kernels.tridiagonal_eigh(a)
     if torch.cuda.is_current_stream_capturing():
         if ops.SYM_EIGH_ON_CUDA and a.shape[0] <= SYEV_BATCHED_CAPTURE_MAX:
             return ops.sym_eigh(a, "syev_batched")
@@ -133,11 +138,22 @@ def _capturable_eigh(a):
     return sync_free_eigh(a)
 
 
-def triton_hide_ops(kind: str) -> HiDeOps:
-    """HiDe's primitives on the Triton kernels, with the eigensolver for this device type."""
+def triton_hide_ops(kind: str, eigh: Callable | None = None) -> HiDeOps:
+    """HiDe's primitives on the Triton kernels, with the eigensolver for this device type:
+    on CPU tensors (the interpreter) LAPACK's, since the interpreted Triton solver takes
+    seconds a call (tests/test_kernels.py tests it, and tests/test_hide_triton.py HiDe with
+    it, by passing ``eigh``)."""
     from . import kernels  # triton is imported only when this backend runs
-    eigh = _capturable_eigh if kind == "cuda" else torch.linalg.eigh
+    if eigh is None:
+        eigh = _capturable_eigh if kind == "cuda" else torch.linalg.eigh
     return HiDeOps(kernels.centre, kernels.gram_or_cov, kernels.product, eigh)
+
+
+def triton_impl(kernel_ops: HiDeOps) -> Impl:
+    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host;
+    # the fused dual InfoNCE keeps no logits.
+    return Impl("triton", lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops),
+                _triton_dual_infonce)
 
 
 # ---------------------------------------------------------------- the backends
@@ -170,11 +186,7 @@ def _build_triton(kind: str):
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host;
-    # the fused dual InfoNCE keeps no logits.
-    kernel_ops = triton_hide_ops(kind)
-    return Impl("triton", lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops),
-                _triton_dual_infonce)
+    return triton_impl(triton_hide_ops(kind))
 
 
 _REGISTRY = {b.name: b for b in (Backend("reference", _build_reference), Backend("cpu", _build_cpu),

@@ -3,7 +3,8 @@ himo_fast.kernels). A leaf: they import torch and triton, never himo_fast;
 himo_fast.backends and himo_fast.ops compose them.
 
 - ``centre``: batch centring (mean + X̂) and the centred Gram / covariance matrix;
-- ``eigh``: a parallel Jacobi eigensolver whose launches a CUDA graph can capture;
+- ``eigh``: eigensolvers whose launches a CUDA graph can capture: for matrices up to
+  256² (tridiagonal reduction, bisection, inverse iteration), and parallel Jacobi above;
 - ``reconstruct``: the factor products of the reconstruction and of the component
   similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward;
 - ``infonce``: the fused dual InfoNCE (the op himo_fast::fused_dual_ce), forward and
@@ -13,7 +14,7 @@ They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how C
 them).
 """
 from .centre import centre, gram_or_cov
-from .eigh import jacobi_eigh
+from .eigh import jacobi_eigh, tridiagonal_eigh
 from .reconstruct import matmul_bias, product
 
-__all__ = ["centre", "gram_or_cov", "jacobi_eigh", "matmul_bias", "product"]
+__all__ = ["centre", "gram_or_cov", "jacobi_eigh", "matmul_bias", "product", "tridiagonal_eigh"]

@@ -164,3 +164,362 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
             current = 1 - current
     w, order = buf[current].diagonal()[:k].sort()
     return w.to(a.dtype), v[:k, :k][:, order].to(a.dtype)
+
+
+# ---------------------------------------------------------------- the small-matrix solver
+#
+# ``tridiagonal_eigh``: the full decomposition of a symmetric n x n matrix, n <= SMALL_MAX,
+# in a handful of launches of which none depends on the data's size through the host:
+#
+#   1. one program: Householder reduction to tridiagonal T = QᵀAQ (LAPACK sytrd's
+#      unblocked algorithm), and Q formed by backward accumulation (orgtr);
+#   2. eigenvalues of T by multisection of Sturm counts (stebz): every eigenvalue
+#      independently, PROBES points per iteration, a fixed iteration count;
+#   3. eigenvectors of T by inverse iteration (stein): each lane solves (T − x_j I) y = b by
+#      Gaussian elimination with partial pivoting, ROUNDS times; between rounds, the
+#      vectors of each cluster (a chain of eigenvalues closer than CLUSTER·‖T‖) are
+#      orthonormalised against each other (one program, two Gram-Schmidt passes);
+#   4. V = Q Y (one float64 GEMM).
+#
+# Why not Jacobi or QL here: a Jacobi sweep is n−1 dependent steps and 10+ sweeps are
+# needed (≈ 1300 barriers at n = 128); QL's bulge chase is O(n²) dependent scalar
+# rotations. Here the dependent chains are the n−2 reflector steps (each a matrix-vector
+# product and a rank-2 update of the trailing block, from L1/L2) and O(n) scalar
+# recurrences that run for all eigenvalues at once. Float64 throughout.
+
+SMALL_MAX = 256  # above this, one program's passes over the n x n matrix cost milliseconds
+# Up to this (padded) size the reduction keeps A and Q in registers: 2 x 128² float64 over
+# 16 warps is 64 registers a thread each. Above it, tiles of ROW_BLOCK rows from L1/L2.
+RESIDENT_MAX = 128
+PROBES = 8  # Sturm-count points per eigenvalue and iteration (a power of 2): log2(9) bits
+# an iteration; (PROBES+1)^BISECT_ITERS >= 2^63: the interval shrinks from the Gershgorin
+# width to below float64's resolution of it.
+BISECT_ITERS = 20
+ROUNDS = 3  # inverse-iteration rounds; one more than an isolated eigenvalue needs
+CLUSTER = 1e-3  # LAPACK stein's reorthogonalisation threshold, relative to ‖T‖
+ROW_BLOCK = 32  # rows per tile in the one-program kernels
+EIGEN_BLOCK = 32  # eigenvalues (lanes) per program of the bisection / inverse iteration
+FLOAT64_EPS = tl.constexpr(2.220446049250313e-16)
+SAFE_MIN = tl.constexpr(2.2250738585072014e-308)
+BIG = tl.constexpr(1e100)  # the back substitution rescales a lane whose entries pass this
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tridiagonalize_kernel(a_ptr, q_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
+                           NP: tl.constexpr, ROWS: tl.constexpr):
+    """One program. a (n x n, overwritten) → d, e (T's diagonal and off-diagonal) and Q
+    (q must hold the identity). Reflector k is H_k = I − β_k v_k v_kᵀ with v_k zero up to
+    index k (stored as row k of h, β_k in beta); p is a scratch vector (2·NP)."""
+    cols = tl.arange(0, NP)
+    for k in range(0, n - 2):
+        trailing = (cols > k) & (cols < n)
+        x = tl.load(a_ptr + k * n + cols, mask=trailing, other=0.0)  # row k = column k
+        x0 = tl.load(a_ptr + k * n + k + 1)
+        norm = tl.sqrt(tl.sum(x * x, 0))
+        alpha = tl.where(x0 >= 0, -norm, norm)
+        v = tl.where(cols == k + 1, x - alpha, x)  # x0 − α = x0 + sign(x0)‖x‖: no cancellation
+        vv = 2.0 * norm * (norm + tl.abs(x0))
+        beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
+        tl.store(d_ptr + k, tl.load(a_ptr + k * n + k))
+        tl.store(e_ptr + k, alpha)
+        tl.store(h_ptr + k * n + cols, v, mask=cols < n)
+        tl.store(beta_ptr + k, beta)
+        # p = β S v over the trailing block S
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            inside = ((rows > k) & (rows < n))[:, None] & trailing[None, :]
+            tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            tl.store(p_ptr + rows, beta * tl.sum(tile * v[None, :], 1), mask=rows < n)
+        tl.debug_barrier()
+        p = tl.load(p_ptr + cols, mask=trailing, other=0.0)
+        w = p - (0.5 * beta * tl.sum(p * v, 0)) * v
+        tl.store(p_ptr + NP + cols, w, mask=cols < n)
+        tl.debug_barrier()
+        # S ← S − v wᵀ − w vᵀ
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_in = (rows > k) & (rows < n)
+            inside = row_in[:, None] & trailing[None, :]
+            tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+            w_r = tl.load(p_ptr + NP + rows, mask=row_in, other=0.0)
+            tile = tile - v_r[:, None] * w[None, :] - w_r[:, None] * v[None, :]
+            tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
+        tl.debug_barrier()
+    if n >= 2:
+        tl.store(d_ptr + n - 2, tl.load(a_ptr + (n - 2) * n + n - 2))
+        tl.store(e_ptr + n - 2, tl.load(a_ptr + (n - 1) * n + n - 2))
+    tl.store(d_ptr + n - 1, tl.load(a_ptr + (n - 1) * n + n - 1))
+    # Q = H_0 ⋯ H_{n-3} I, the last reflector first: H_k touches rows and columns > k only.
+    for kk in range(0, n - 2):
+        k = n - 3 - kk
+        beta = tl.load(beta_ptr + k)
+        r = tl.zeros([NP], dtype=tl.float64)
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_in = (rows > k) & (rows < n)
+            tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :],
+                           mask=row_in[:, None] & (cols < n)[None, :], other=0.0)
+            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+            r += tl.sum(tile * v_r[:, None], 0)
+        r = beta * r  # β vᵀQ
+        tl.debug_barrier()
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_in = (rows > k) & (rows < n)
+            inside = row_in[:, None] & (cols < n)[None, :]
+            tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+            tl.store(q_ptr + rows[:, None] * n + cols[None, :], tile - v_r[:, None] * r[None, :],
+                     mask=inside)
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n"])
+def _tridiagonalize_resident_kernel(a_ptr, q_ptr, d_ptr, e_ptr, n, NP: tl.constexpr):
+    """_tridiagonalize_kernel for NP <= RESIDENT_MAX: A and Q stay in registers (as two
+    NP x NP tiles; the steps' row extractions and products are reductions over them), so
+    that a step costs no memory traffic. Q is accumulated forwards, Q ← Q H_k."""
+    idx = tl.arange(0, NP)
+    inside = (idx < n)[:, None] & (idx < n)[None, :]
+    a = tl.load(a_ptr + idx[:, None] * n + idx[None, :], mask=inside, other=0.0)
+    q = tl.where(inside & (idx[:, None] == idx[None, :]), 1.0, 0.0).to(tl.float64)
+    for k in range(0, n - 2):
+        row = tl.sum(tl.where(idx[:, None] == k, a, 0.0), 0)  # row k = column k
+        tl.store(d_ptr + k, tl.sum(tl.where(idx == k, row, 0.0), 0))
+        x = tl.where(idx > k, row, 0.0)
+        x0 = tl.sum(tl.where(idx == k + 1, row, 0.0), 0)
+        norm = tl.sqrt(tl.sum(x * x, 0))
+        alpha = tl.where(x0 >= 0, -norm, norm)
+        v = tl.where(idx == k + 1, x - alpha, x)
+        vv = 2.0 * norm * (norm + tl.abs(x0))
+        beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
+        tl.store(e_ptr + k, alpha)
+        p = tl.where(idx > k, beta * tl.sum(a * v[None, :], 1), 0.0)
+        w = p - (0.5 * beta * tl.sum(p * v, 0)) * v
+        a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
+        q = q - (beta * tl.sum(q * v[None, :], 1))[:, None] * v[None, :]
+    if n >= 2:
+        tl.store(d_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 2) & (idx[None, :] == n - 2), a, 0.0)))
+        tl.store(e_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 2), a, 0.0)))
+    tl.store(d_ptr + n - 1, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 1), a, 0.0)))
+    tl.store(q_ptr + idx[:, None] * n + idx[None, :], q, mask=inside)
+
+
+@triton.jit
+def _gershgorin(d_ptr, e_ptr, n, NP: tl.constexpr):
+    """(lower, upper) Gershgorin bounds of T, and pivmin, LAPACK stebz's floor for a
+    Sturm pivot (safe-minimum · max(1, max e²): e²/pivmin never overflows)."""
+    i = tl.arange(0, NP)
+    d = tl.load(d_ptr + i, mask=i < n, other=0.0)
+    e = tl.abs(tl.load(e_ptr + i, mask=i < n - 1, other=0.0))
+    e_before = tl.abs(tl.load(e_ptr + i - 1, mask=(i >= 1) & (i < n), other=0.0))
+    lower = tl.min(tl.where(i < n, d - e - e_before, float("inf")), 0)
+    upper = tl.max(tl.where(i < n, d + e + e_before, -float("inf")), 0)
+    pivmin = SAFE_MIN * tl.maximum(1.0, tl.max(e * e, 0))
+    return lower, upper, pivmin
+
+
+@triton.jit(do_not_specialize=["n"])
+def _bisect_kernel(d_ptr, e_ptr, w_ptr, n, NP: tl.constexpr, BLOCK: tl.constexpr,
+                   PROBES: tl.constexpr, ITERS: tl.constexpr):
+    """Eigenvalue j of T (ascending) for the BLOCK lanes j of this program. count(x), the
+    number of eigenvalues below x, is the number of negative pivots of LDLᵀ(T − xI);
+    λ_j lies in [x, ·) when count(x) <= j, below x otherwise."""
+    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, NP)
+    norm = tl.maximum(tl.abs(lower), tl.abs(upper))
+    margin = 2.1 * FLOAT64_EPS * norm * n + 4.2 * pivmin  # stebz's widening of the bounds
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], dtype=tl.float64) + (lower - margin)
+    hi = tl.zeros([BLOCK], dtype=tl.float64) + (upper + margin)
+    frac = (tl.arange(0, PROBES) + 1).to(tl.float64) / (PROBES + 1)
+    d0 = tl.load(d_ptr)
+    for _ in range(ITERS):
+        x = lo[:, None] + (hi - lo)[:, None] * frac[None, :]
+        q = d0 - x
+        q = tl.where(tl.abs(q) <= pivmin, -pivmin, q)
+        count = (q < 0).to(tl.int32)
+        for i in range(1, n):
+            e = tl.load(e_ptr + i - 1)
+            q = (tl.load(d_ptr + i) - x) - (e * e) / q
+            q = tl.where(tl.abs(q) <= pivmin, -pivmin, q)
+            count += (q < 0).to(tl.int32)
+        below = count <= j[:, None]
+        lo = tl.max(tl.where(below, x, lo[:, None]), 1)
+        hi = tl.min(tl.where(below, hi[:, None], x), 1)
+    tl.store(w_ptr + j, 0.5 * (lo + hi), mask=j < n)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: tl.constexpr,
+                              NP: tl.constexpr, BLOCK: tl.constexpr):
+    """One round of inverse iteration for the BLOCK lanes j of this program: y_j ←
+    (T − x_j I)⁻¹ y_j, normalised. y is n x n with lane j in column j (FIRST: y_j starts
+    pseudo-random); u (4 x n x n) holds each lane's U and transformed right-hand side.
+    Elimination with partial pivoting (LAPACK lagtf): U has three diagonals. Pivots
+    below ε·max(‖T‖, 1) are raised to it, as lagts does, so that an exact eigenvalue as
+    shift gives a large finite solution (T is scaled: ‖T‖ >= 1 or T = 0)."""
+    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, NP)
+    tol = FLOAT64_EPS * tl.maximum(tl.maximum(tl.abs(lower), tl.abs(upper)), 1.0)
+    lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = lanes < n
+    x = tl.load(shift_ptr + lanes, mask=ok, other=0.0)
+    plane = n * n
+    # the right-hand side, scaled to unit norm
+    norm2 = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, n):
+        if FIRST:
+            b = tl.rand(20261202, i * n + lanes).to(tl.float64) - 0.5
+            tl.store(y_ptr + i * n + lanes, b, mask=ok)
+        else:
+            b = tl.load(y_ptr + i * n + lanes, mask=ok, other=0.0)
+        norm2 += b * b
+    inv = 1.0 / tl.sqrt(tl.maximum(norm2, SAFE_MIN))
+    # forward elimination; (p, q, f): the pending row's entries at columns i, i+1 and its rhs
+    p = tl.load(d_ptr) - x
+    q = tl.zeros([BLOCK], dtype=tl.float64) + tl.load(e_ptr, mask=n > 1, other=0.0)
+    f = tl.load(y_ptr + lanes, mask=ok, other=0.0) * inv
+    for i in range(0, n - 1):
+        c = tl.load(e_ptr + i)  # T[i+1, i]
+        a1 = tl.load(d_ptr + i + 1) - x
+        b1 = tl.load(e_ptr + i + 1, mask=i + 1 < n - 1, other=0.0)  # T[i+1, i+2]
+        g = tl.load(y_ptr + (i + 1) * n + lanes, mask=ok, other=0.0) * inv
+        swap = tl.abs(c) > tl.abs(p)
+        tl.store(u_ptr + i * n + lanes, tl.where(swap, c, p), mask=ok)
+        tl.store(u_ptr + plane + i * n + lanes, tl.where(swap, a1, q), mask=ok)
+        tl.store(u_ptr + 2 * plane + i * n + lanes, tl.where(swap, b1, 0.0), mask=ok)
+        tl.store(u_ptr + 3 * plane + i * n + lanes, tl.where(swap, g, f), mask=ok)
+        mult = tl.where(swap, p / tl.where(swap, c, 1.0),
+                        c / tl.where(p == 0.0, 1.0, p))  # not swapped and p = 0: c = 0 too
+        p, q, f = (tl.where(swap, q - mult * a1, a1 - mult * q), tl.where(swap, -mult * b1, b1),
+                   tl.where(swap, f - mult * g, g - mult * f))
+    last = n - 1
+    tl.store(u_ptr + last * n + lanes, p, mask=ok)
+    tl.store(u_ptr + plane + last * n + lanes, tl.zeros([BLOCK], dtype=tl.float64), mask=ok)
+    tl.store(u_ptr + 2 * plane + last * n + lanes, tl.zeros([BLOCK], dtype=tl.float64), mask=ok)
+    tl.store(u_ptr + 3 * plane + last * n + lanes, f, mask=ok)
+    # back substitution; a lane whose entries pass BIG is rescaled by 1/BIG from there on,
+    # and the count of rescalings at each row (kept in u's first plane, no longer needed)
+    # brings the earlier rows to the same scale afterwards.
+    x1 = tl.zeros([BLOCK], dtype=tl.float64)
+    x2 = tl.zeros([BLOCK], dtype=tl.float64)
+    scaled = tl.zeros([BLOCK], dtype=tl.float64)
+    for ii in range(0, n):
+        i = n - 1 - ii
+        u0 = tl.load(u_ptr + i * n + lanes, mask=ok, other=1.0)
+        u1 = tl.load(u_ptr + plane + i * n + lanes, mask=ok, other=0.0)
+        u2 = tl.load(u_ptr + 2 * plane + i * n + lanes, mask=ok, other=0.0)
+        fi = tl.load(u_ptr + 3 * plane + i * n + lanes, mask=ok, other=0.0)
+        u0 = tl.where(tl.abs(u0) < tol, tl.where(u0 < 0, -tol, tol), u0)
+        xi = (fi - u1 * x1 - u2 * x2) / u0
+        big = tl.abs(xi) > BIG
+        xi = tl.where(big, xi / BIG, xi)
+        x1 = tl.where(big, x1 / BIG, x1)
+        scaled += big.to(tl.float64)
+        tl.store(y_ptr + i * n + lanes, xi, mask=ok)
+        tl.store(u_ptr + i * n + lanes, scaled, mask=ok)
+        x2 = x1
+        x1 = xi
+    norm2 = tl.zeros([BLOCK], dtype=tl.float64)
+    for i in range(0, n):
+        behind = scaled - tl.load(u_ptr + i * n + lanes, mask=ok, other=0.0)
+        yi = tl.load(y_ptr + i * n + lanes, mask=ok, other=0.0)
+        yi = tl.where(behind > 0, yi * tl.exp2(-behind * 332.19280948873626), yi)  # BIG^-behind
+        tl.store(y_ptr + i * n + lanes, yi, mask=ok)
+        norm2 += yi * yi
+    inv = 1.0 / tl.sqrt(tl.maximum(norm2, SAFE_MIN))
+    for i in range(0, n):
+        yi = tl.load(y_ptr + i * n + lanes, mask=ok, other=0.0)
+        tl.store(y_ptr + i * n + lanes, yi * inv, mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, NP: tl.constexpr,
+                                   COLS: tl.constexpr):
+    """Program j, if j opens a cluster of size > 1: columns j+1 … j+size−1 of y (n x n,
+    unit columns) in order, each losing its components along the cluster's earlier
+    columns, twice (classical Gram-Schmidt run twice is orthogonal to working
+    precision), then normalised. Other programs return at once: clusters are independent."""
+    head = tl.program_id(0)
+    rows = tl.arange(0, NP)
+    row_in = rows < n
+    if tl.load(start_ptr + head) == head:
+        for j in range(head + 1, head + tl.load(size_ptr + head)):
+            yj = tl.load(y_ptr + rows * n + j, mask=row_in, other=0.0)
+            for _ in range(2):
+                for c0 in range(head, j, COLS):
+                    cols = c0 + tl.arange(0, COLS)
+                    tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
+                                   mask=row_in[:, None] & (cols < j)[None, :], other=0.0)
+                    dots = tl.sum(tile * yj[:, None], 0)
+                    yj -= tl.sum(tile * dots[None, :], 1)
+            yj = yj / tl.sqrt(tl.maximum(tl.sum(yj * yj, 0), SAFE_MIN))
+            tl.store(y_ptr + rows * n + j, yj, mask=row_in)
+            tl.debug_barrier()
+
+
+def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | None = None):
+    """(eigenvalues ascending, eigenvectors as columns) of the symmetric matrix ``a``
+    (n <= SMALL_MAX), like torch.linalg.eigh, with a fixed sequence of launches: no host
+    read, capturable. float32 or float64 in and out, float64 inside. Reads the lower and
+    upper triangle alike (it symmetrises). ``resident``: the register-resident reduction
+    (default: when n fits, RESIDENT_MAX) or the tiled one; a choice for tests."""
+    check_matrix("a", a)
+    n = a.shape[0]
+    if a.shape[1] != n:
+        raise ValueError(f"a must be a square matrix, got shape {tuple(a.shape)}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a must be float32 or float64, got {a.dtype}")
+    if n > SMALL_MAX:
+        raise ValueError(f"a must be at most {SMALL_MAX} x {SMALL_MAX}, got shape {tuple(a.shape)}")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if n == 0:
+        return a.new_empty(0), a.new_empty(0, 0)
+    dev, f64 = a.device, torch.float64
+    np2 = max(triton.next_power_of_2(n), 16)
+    # Scaled to max |a_ij| = 1 (1 for a zero matrix), as LAPACK's syev scales: ‖T‖ >= 1 or
+    # T = 0, so that the tolerances below are relative to 1 and no pivot underflows.
+    work = a.to(f64)
+    scale = work.abs().max()
+    scale = torch.where(scale > 0, scale, 1.0)
+    work = (0.5 * (work + work.T) / scale).contiguous()
+    d = torch.empty(n, dtype=f64, device=dev)
+    e = torch.zeros(n, dtype=f64, device=dev)
+    if resident is None:
+        resident = np2 <= RESIDENT_MAX
+    if resident:
+        q = torch.empty(n, n, dtype=f64, device=dev)
+        _tridiagonalize_resident_kernel[(1,)](work, q, d, e, n, NP=np2, num_warps=16)
+    else:
+        q = torch.eye(n, dtype=f64, device=dev)
+        h = torch.zeros(n, n, dtype=f64, device=dev)
+        beta = torch.empty(n, dtype=f64, device=dev)
+        scratch = torch.empty(2 * np2, dtype=f64, device=dev)
+        _tridiagonalize_kernel[(1,)](work, q, d, e, h, beta, scratch, n, NP=np2,
+                                     ROWS=ROW_BLOCK, num_warps=8)
+    w = torch.empty(n, dtype=f64, device=dev)
+    lanes = (triton.cdiv(n, EIGEN_BLOCK),)
+    _bisect_kernel[lanes](d, e, w, n, NP=np2, BLOCK=EIGEN_BLOCK, PROBES=PROBES,
+                          ITERS=BISECT_ITERS, num_warps=4)
+    # Shifts: a chain of (nearly) equal eigenvalues gets shifts at least 10ε‖T‖ apart
+    # (stein's perturbation), x_j = max(λ_j, x_{j-1} + δ) = jδ + max_{i<=j}(λ_i − iδ).
+    # Clusters: chains whose consecutive gaps are within CLUSTER·‖T‖; start_j is the first
+    # index of j's chain. All on the device.
+    norm = (d.abs() + e.abs() + torch.cat([e.new_zeros(1), e[:-1].abs()])).max()
+    index = torch.arange(n, device=dev)
+    delta = 10 * FLOAT64_EPS.value * norm
+    shift = torch.cummax(w - index * delta, 0).values + index * delta
+    opens = torch.ones(n, dtype=torch.bool, device=dev)
+    opens[1:] = (w[1:] - w[:-1]) > CLUSTER * norm
+    start = torch.cummax(torch.where(opens, index, 0), 0).values
+    size = torch.zeros(n, dtype=torch.int64, device=dev).index_add_(0, start, torch.ones_like(start))
+    start, size = start.to(torch.int32), size.to(torch.int32)
+    y = torch.empty(n, n, dtype=f64, device=dev)
+    u = torch.empty(4, n, n, dtype=f64, device=dev)
+    for r in range(rounds):
+        _inverse_iteration_kernel[lanes](d, e, shift, y, u, n, FIRST=r == 0, NP=np2,
+                                         BLOCK=EIGEN_BLOCK, num_warps=1)
+        _cluster_orthonormalize_kernel[(n,)](y, start, size, n, NP=np2, COLS=ROW_BLOCK // 2,
+                                             num_warps=4)
+    return (w * scale).to(a.dtype), (q @ y).to(a.dtype)

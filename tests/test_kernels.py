@@ -70,9 +70,21 @@ def test_bad_arguments_are_refused(triton_device):
 
 def _spectrum_matrix(k, kind, seed):
     """Symmetric test matrices: PSD with a decaying spectrum (HiDe's), indefinite, and the
-    degenerate ones (zero, identity: every eigenvalue repeated, rank one)."""
+    degenerate ones (zero, identity: every eigenvalue repeated, rank one); with a given
+    spectrum in a random basis: clustered (a third of the eigenvalues within 1e-13 of each
+    other, a third 1e-9 apart), a chain (consecutive gaps 5e-4, under the solver's cluster
+    threshold, spanning 1/3 of the norm) with a null space, and a spectrum over 20 decades."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(k + 3, k, dtype=torch.float64, generator=g)
+    spectra = {
+        "clustered": lambda i: torch.where(i < k // 3, 1 + 1e-13 * i,
+                                           torch.where(i < 2 * k // 3, 2 + 1e-9 * i, 3 + i)),
+        "chain": lambda i: torch.where(i < k // 2, 0.0, 1 + 5e-4 * i * 1000 / (3 * k)),
+        "twenty decades": lambda i: 10.0 ** (-20 * i / max(k - 1, 1)),
+    }
+    if kind in spectra:
+        basis = torch.linalg.qr(x[:k])[0]
+        return basis * spectra[kind](torch.arange(k, dtype=torch.float64)) @ basis.T
     if kind == "decaying":
         y = x * torch.arange(1, k + 1, dtype=torch.float64) ** -0.8
         return y.T @ y
@@ -125,6 +137,59 @@ def test_jacobi_eigh_refuses_bad_input(triton_device):
         jacobi_eigh(torch.randn(3, 3, device=triton_device).half())
     with pytest.raises(ValueError, match="sweeps must be a non-negative int, got -1"):
         jacobi_eigh(torch.eye(3, device=triton_device), sweeps=-1)
+
+
+# Under the interpreter a launch of the one-program kernels costs ≈ 0.02-0.1 s a row of n:
+# n <= 40 here, and one 100 x 100 case for the register-resident reduction at its size.
+TRIDIAGONAL_CASES = [(1, "decaying", torch.float64, None), (2, "indefinite", torch.float32, None),
+                     (17, "decaying", torch.float64, None), (24, "indefinite", torch.float64, False),
+                     (30, "clustered", torch.float64, None), (33, "clustered", torch.float64, False),
+                     (36, "chain", torch.float64, None), (31, "twenty decades", torch.float64, None),
+                     (20, "rank one", torch.float32, None), (16, "zero", torch.float64, None),
+                     (19, "identity", torch.float64, False), (100, "decaying", torch.float64, True)]
+
+
+@pytest.mark.parametrize("k,kind,dtype,resident", TRIDIAGONAL_CASES)
+def test_tridiagonal_eigh_matches_eigh(triton_device, k, kind, dtype, resident):
+    """Eigenvalues, residual and orthogonality at float64 working precision against LAPACK,
+    with both reductions (registers, tiles), on the spectra where inverse iteration is
+    fragile: repeated and clustered eigenvalues, null spaces, 20 decades of range."""
+    from himo_fast.kernels.eigh import tridiagonal_eigh
+    a = _spectrum_matrix(k, kind, seed=k).to(triton_device, dtype)
+    a64 = a.double().cpu()
+    w, v = tridiagonal_eigh(a, resident=resident)
+    assert w.dtype == v.dtype == dtype and w.shape == (k,) and v.shape == (k, k)
+    w, v = w.double().cpu(), v.double().cpu()
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    scale = max(a64.norm().item(), 1e-30)
+    assert torch.isfinite(w).all() and torch.isfinite(v).all()
+    assert (w - torch.linalg.eigvalsh(a64)).norm() / scale <= tol
+    assert (a64 @ v - v * w).norm() / scale <= 10 * tol
+    assert (v.T @ v - torch.eye(k, dtype=torch.float64)).abs().max() <= 10 * tol
+
+
+def test_tridiagonal_eigh_rounds_are_what_separates_a_cluster(triton_device):
+    """One round of inverse iteration leaves vectors of a cluster mixed with their
+    neighbours' (residual ≫ ε); the default rounds converge it."""
+    from himo_fast.kernels.eigh import ROUNDS, tridiagonal_eigh
+    a = _spectrum_matrix(24, "chain", seed=2).to(triton_device)
+    res = {r: ((a @ v - v * w).norm() / a.norm()).item()
+           for r in (1, ROUNDS) for w, v in [tridiagonal_eigh(a, rounds=r)]}
+    assert res[ROUNDS] <= 1e-13 and res[1] > 100 * res[ROUNDS], res
+
+
+def test_tridiagonal_eigh_refuses_bad_input(triton_device):
+    from himo_fast.kernels.eigh import SMALL_MAX, tridiagonal_eigh
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(3, 4\)"):
+        tridiagonal_eigh(torch.randn(3, 4, device=triton_device))
+    with pytest.raises(TypeError, match="float32 or float64, got torch.bfloat16"):
+        tridiagonal_eigh(torch.eye(3, device=triton_device).bfloat16())
+    with pytest.raises(ValueError, match=f"at most {SMALL_MAX} x {SMALL_MAX}, got shape"):
+        tridiagonal_eigh(torch.eye(SMALL_MAX + 1, device=triton_device))
+    with pytest.raises(ValueError, match="rounds must be a positive int, got 0"):
+        tridiagonal_eigh(torch.eye(3, device=triton_device), rounds=0)
+    w, v = tridiagonal_eigh(torch.empty(0, 0, device=triton_device))
+    assert w.shape == (0,) and v.shape == (0, 0)
 
 
 def test_eigh_dispatch_off_capture_is_the_sync_free_eigh(triton_device):

@@ -11,7 +11,9 @@ pytest.importorskip("triton")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_for_sm90.py")
 KERNELS = ("_centre_kernel", "_syrk_kernel", "_matmul_bias_kernel", "_jacobi_rotations_kernel",
            "_jacobi_step_kernel", "_lse_rows_kernel", "_ce_grad_kernel",
-           "_ce_weight_kernel", "_row_dots_kernel")
+           "_ce_weight_kernel", "_row_dots_kernel", "_tridiagonalize_kernel",
+           "_tridiagonalize_resident_kernel", "_bisect_kernel", "_inverse_iteration_kernel",
+           "_cluster_orthonormalize_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():
