@@ -7,8 +7,11 @@ the context for everything after it).
     python benchmarks/eigh_probe.py [--sizes 128 768 1024] [--repeats 20] [--json PATH]
 
 Candidates: torch.linalg.eigh (syevd, then a host read of its status), himo_fast::sym_eigh
-with cuSOLVER's syevd and XsyevBatched, and the Triton Jacobi solver (kernels/eigh.py). A
-candidate that captures is also timed as a graph replay (`graph ms`: no launch overhead).
+with cuSOLVER's syevd and XsyevBatched, the Triton Jacobi solver and the Triton small-matrix
+solver (kernels/eigh.py: tridiagonal_eigh, sizes up to its SMALL_MAX). A candidate that
+captures is also timed as a graph replay (`graph ms`: no launch overhead). On a GPU,
+``--profile`` adds the small-matrix solver's device time per kernel at each size (torch
+profiler): where its time goes.
 On an H100 (2026-11-22) syevd was sync-free but not capturable, 8.2 ms at 768; XsyevBatched
 captured at 128 only; syevj (dropped since) was slower, less accurate, not capturable.
 Without a GPU it runs the same on the CPU (no capture; Jacobi under TRITON_INTERPRET=1), so
@@ -25,7 +28,7 @@ import torch
 import himo_fast  # noqa: F401  (registers himo_fast::sym_eigh)
 from himo_fast import ops
 
-CANDIDATES = ["torch.linalg.eigh", "syevd", "syev_batched", "jacobi"]
+CANDIDATES = ["torch.linalg.eigh", "syevd", "syev_batched", "jacobi", "tridiagonal"]
 
 CAPTURE = """
 import sys, torch
@@ -58,6 +61,9 @@ def solver(name):
     if name == "jacobi":
         from himo_fast.kernels.eigh import jacobi_eigh
         return jacobi_eigh
+    if name == "tridiagonal":
+        from himo_fast.kernels.eigh import tridiagonal_eigh
+        return tridiagonal_eigh
     return lambda a: torch.ops.himo_fast.sym_eigh(a, name)[:2]
 
 
@@ -120,6 +126,8 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
         x = torch.randn(k + 3, k, dtype=torch.float64, generator=g)
         a = (x.T @ x).to(device, torch.float32)
         for name in names:
+            if name == "tridiagonal" and k > _small_max():
+                continue
             fn = solver(name)
             try:
                 w, v = fn(a)  # warm-up: handles, workspace
@@ -133,11 +141,36 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
     return rows
 
 
+def _small_max():
+    from himo_fast.kernels.eigh import SMALL_MAX
+    return SMALL_MAX
+
+
+def profile_small(sizes):
+    """Device µs per kernel (name, launches, µs each) of one tridiagonal_eigh per size."""
+    from himo_fast.kernels.eigh import tridiagonal_eigh
+    for k in (k for k in sizes if k <= _small_max()):
+        x = torch.randn(k + 3, k, dtype=torch.float64)
+        a = (x.T @ x).cuda()
+        tridiagonal_eigh(a)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            tridiagonal_eigh(a)
+            torch.cuda.synchronize()
+        rows = sorted(((e.key[:36], e.count, round(e.device_time_total / max(e.count, 1), 1))
+                       for e in prof.key_averages() if e.device_time_total > 0),
+                      key=lambda r: -r[1] * r[2])
+        total = sum(r[1] * r[2] for r in rows)
+        print(f"tridiagonal_eigh k={k}: {total:.0f} us of kernels:", rows, flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 768, 1024])
     p.add_argument("--repeats", type=int, default=20, help="timed runs (median)")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--profile", action="store_true", help="per-kernel time of the Triton "
+                   "small-matrix solver (CUDA only)")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -159,6 +192,8 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(info=info, rows=rows), f, indent=1)
+    if a.profile and device == "cuda":
+        profile_small(a.sizes)
 
 
 if __name__ == "__main__":

@@ -93,35 +93,50 @@ def hide_step(fn, n, d):
 def hide_table(quick: bool, rounds: int):
     d = 64 if quick else 768
     small, large = (32, 96) if quick else (128, 1024)
+    auto = backends.select("auto", DEVICE).name
+    # Each GPU backend side by side: they differ in HiDe's eigensolver (cuda: syevd;
+    # triton: kernels.tridiagonal_eigh up to 256², syevd above), which auto should follow.
+    others = [b for b in ("cuda", "triton") if CUDA and b != auto
+              and b in himo_fast.available_backends(DEVICE)]
     rows = []
     for n, goal in ((small, 0.25), (large, 1.5)):
         ours = median_ms(hide_step(lambda u: himo_fast.hide(u, 0.9), n, d), rounds)
         svd = median_ms(hide_step(lambda u: official_hide(u, 0.9), n, d), rounds)
-        rows.append(row(f"HiDe fwd+bwd, N={n}, d={d} (auto: {backends.select('auto', DEVICE).name})",
+        alt = {b: median_ms(hide_step(lambda u: himo_fast.hide(u, 0.9, backend=b), n, d), rounds)
+               for b in others}
+        rows.append(row(f"HiDe fwd+bwd, N={n}, d={d} (auto: {auto})",
                         ours, f"<= {goal} ms", ours <= goal, "ms",
-                        f"authors' SVD HiDe {svd:.3f} ms ({svd / ours:.1f}x)"))
+                        f"authors' SVD HiDe {svd:.3f} ms ({svd / ours:.1f}x)"
+                        + "".join(f"; {b} {t:.3f} ms" for b, t in alt.items())))
     dtype = torch.bfloat16 if CUDA else torch.float32
     b, cols = (16, 128) if quick else (128, 1024)
     for name, (B, N), goal in (("paper-rank", (b, cols), 30.0), ("single-1k", (cols, cols), 20.0)):
         ours = median_ms(loss_step("himo_fast", B, N, d, dtype), rounds)
         theirs = median_ms(loss_step("official", B, N, d, dtype), rounds)
+        alt = ({"triton": median_ms(loss_step("himo_fast_triton", B, N, d, dtype), rounds)}
+               if "triton" in others else {})
         rows.append(row(f"{name} MoLo (B={B} vs N={N}, d={d}) vs the authors' loss",
                         theirs / ours, f">= {goal}x", theirs / ours >= goal, "x",
-                        f"{ours:.3f} ms vs {theirs:.3f} ms"))
+                        f"{ours:.3f} ms vs {theirs:.3f} ms"
+                        + "".join(f"; {b} {t:.3f} ms ({theirs / t:.1f}x)" for b, t in alt.items())))
     graph_goal = "<= 1.0x eager"
     if CUDA:
         from himo_fast.train import train_step
-        a = SimpleNamespace(n=cols, d=d, steps=max(rounds, 3), device="cuda", tau=0.9)
         loss = himo_fast.MoLo(backend="triton")
         scale = torch.tensor(100.0, device="cuda", requires_grad=True)
-        med = {}
-        for kind, steps in (("eager", step_timing._eager_steps), ("graph", step_timing._graph_steps)):
-            _, _, times = steps(loss, a, torch.bfloat16, scale, torch.Generator().manual_seed(0))
-            med[kind] = statistics.median(times[1:]) * 1e3
-        ratio = med["graph"] / med["eager"]
-        rows.append(row(f"CUDA-graph step vs eager, N={cols}, d={d}, bf16 (triton)", ratio,
-                        graph_goal, ratio <= 1.0, "x",
-                        f"graph {med['graph']:.2f} ms, eager {med['eager']:.2f} ms"))
+        # N = 128: HiDe's 128² Gram matrix, the small-matrix solver inside the graph too;
+        # N = 1024: the 768² covariance, Jacobi while capturing.
+        for n in (b, cols):
+            a = SimpleNamespace(n=n, d=d, steps=max(rounds, 3), device="cuda", tau=0.9)
+            med = {}
+            for kind, steps in (("eager", step_timing._eager_steps),
+                                ("graph", step_timing._graph_steps)):
+                _, _, times = steps(loss, a, torch.bfloat16, scale, torch.Generator().manual_seed(0))
+                med[kind] = statistics.median(times[1:]) * 1e3
+            ratio = med["graph"] / med["eager"]
+            rows.append(row(f"CUDA-graph step vs eager, N={n}, d={d}, bf16 (triton)", ratio,
+                            graph_goal, ratio <= 1.0, "x",
+                            f"graph {med['graph']:.2f} ms, eager {med['eager']:.2f} ms"))
         step = loss_step("himo_fast", cols, cols, d, dtype)
         step()  # warm-up: first-call work (compiles, workspace queries) is not the step's
         _sync()
@@ -129,7 +144,8 @@ def hide_table(quick: bool, rounds: int):
         rows.append(row("host syncs in a MoLo step (auto backend, set_sync_debug_mode)", syncs,
                         "0", syncs == 0))
     else:
-        rows.append(missing("CUDA-graph step vs eager", graph_goal, "needs CUDA"))
+        rows.append(missing("CUDA-graph step vs eager, N=128", graph_goal, "needs CUDA"))
+        rows.append(missing("CUDA-graph step vs eager, N=1024", graph_goal, "needs CUDA"))
         rows.append(missing("host syncs in a MoLo step", "0", "needs CUDA"))
     return rows
 

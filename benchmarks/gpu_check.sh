@@ -84,7 +84,7 @@ stage_profile_jacobi() {  # the capture-time Jacobi solver: per-launch kernel ti
 
 stage_probe_eigh() {  # each eigensolver: accuracy, time, host sync, CUDA-graph capture
   (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" --sizes 128 256 512 768 1024 \
-    --json "$here/${json%.json}-eigh.json")
+    --profile --json "$here/${json%.json}-eigh.json")
 }
 
 # From /tmp, so that `import himo_fast` is the installed package, not the source tree.

@@ -1,21 +1,26 @@
-"""HiDe stage 2 (PCA): a symmetric eigensolver that a CUDA graph can capture.
+"""HiDe stage 2 (PCA): symmetric eigensolvers that a CUDA graph can capture.
 
-HiDe decomposes the small Gram / covariance matrix in full (himo_fast.pca). On a GPU that
-is cuSOLVER's syevd without its info read (himo_fast::sym_eigh): sync-free, but it cannot
-be captured in a CUDA graph (it fails with CUSOLVER_STATUS_INTERNAL_ERROR inside a capture;
-syevj cannot either, XsyevBatched only at small sizes: benchmarks/eigh_probe.py on an
-H100). Which solver runs when is himo_fast.backends' choice; this module is the Jacobi
-solver it uses above XsyevBatched's capturable sizes.
+HiDe decomposes the small Gram / covariance matrix in full (himo_fast.pca). On a GPU,
+cuSOLVER's syevd (himo_fast::sym_eigh, without its info read) is sync-free but costs
+milliseconds whatever the size (1.4 ms at 128², benchmarks/README.md) and cannot be captured
+in a CUDA graph (CUSOLVER_STATUS_INTERNAL_ERROR inside a capture; syevj cannot either,
+XsyevBatched only up to 512: benchmarks/eigh_probe.py on an H100). Which solver runs when is
+himo_fast.backends' choice; this module has two, both float64 inside, both a static
+sequence of launches with no host read:
 
-``jacobi_eigh``: two-sided cyclic Jacobi with the round-robin (parallel) ordering. A sweep
-is n-1 steps; each step rotates n/2 disjoint index pairs at once: one small kernel computes
-the n/2 rotations from the current A, one applies ``A ← JᵀAJ`` (double-buffered) and
-``V ← VJ``. Everything runs in float64 whatever the input (the rotations touch each entry
-thousands of times; in float32 the eigenvalues drift by ≈ 4e-5 relative, in float64 they
-end below float32 LAPACK's own error), with a fixed sweep count: no host
-decision, so the launch sequence is static. A pair whose off-diagonal entry is already
-negligible gets the identity, so extra sweeps change nothing and degenerate matrices (zero,
-repeated eigenvalues) stay finite.
+``tridiagonal_eigh`` (n <= SMALL_MAX = 256, the per-rank Gram matrix of the paper's recipe):
+Householder reduction to tridiagonal form in one program, eigenvalues by multisection of
+Sturm counts, eigenvectors by inverse iteration with the clusters re-orthogonalised (the
+LAPACK sytrd / stebz / stein route, each stage parallel over eigenvalues where LAPACK loops).
+
+``jacobi_eigh`` (any n, used above 512 while capturing): two-sided cyclic Jacobi with the
+round-robin (parallel) ordering. A sweep is n-1 steps; each step rotates n/2 disjoint index
+pairs at once: one small kernel computes the n/2 rotations from the current A, one applies
+``A ← JᵀAJ`` (double-buffered) and ``V ← VJ``. Float64 whatever the input (the rotations
+touch each entry thousands of times; in float32 the eigenvalues drift by ≈ 4e-5 relative, in
+float64 they end below float32 LAPACK's own error), with a fixed sweep count. A pair whose
+off-diagonal entry is already negligible gets the identity, so extra sweeps change nothing
+and degenerate matrices (zero, repeated eigenvalues) stay finite.
 """
 from __future__ import annotations
 
@@ -191,14 +196,20 @@ SMALL_MAX = 256  # above this, one program's passes over the n x n matrix cost m
 # Up to this (padded) size the reduction keeps A and Q in registers: 2 x 128² float64 over
 # 16 warps is 64 registers a thread each. Above it, tiles of ROW_BLOCK rows from L1/L2.
 RESIDENT_MAX = 128
-PROBES = 8  # Sturm-count points per eigenvalue and iteration (a power of 2): log2(9) bits
-# an iteration; (PROBES+1)^BISECT_ITERS >= 2^63: the interval shrinks from the Gershgorin
-# width to below float64's resolution of it.
-BISECT_ITERS = 20
+# Bisection: BISECT_BLOCK eigenvalues a program, PROBES Sturm-count points each an iteration
+# (a power of 2): log2(PROBES + 1) bits an iteration, (PROBES+1)^BISECT_ITERS >= 2^63, so
+# the interval shrinks from the Gershgorin width to below float64's resolution of it. A
+# count is n dependent steps with a float64 division each (≈ 100 cycles, estimated):
+# latency-bound, so more probes per eigenvalue (fewer iterations) and fewer eigenvalues per
+# program (more programs) cost little extra per step. Prediction, not yet measured:
+# 13 x 128 steps ≈ 0.09 ms at n = 128 (8 probes x 20 iterations: ≈ 0.14 ms).
+BISECT_BLOCK = 8
+PROBES = 32
+BISECT_ITERS = 13
 ROUNDS = 3  # inverse-iteration rounds; one more than an isolated eigenvalue needs
 CLUSTER = 1e-3  # LAPACK stein's reorthogonalisation threshold, relative to ‖T‖
 ROW_BLOCK = 32  # rows per tile in the one-program kernels
-EIGEN_BLOCK = 32  # eigenvalues (lanes) per program of the bisection / inverse iteration
+EIGEN_BLOCK = 32  # eigenvectors (lanes) per program of the inverse iteration
 FLOAT64_EPS = tl.constexpr(2.220446049250313e-16)
 SAFE_MIN = tl.constexpr(2.2250738585072014e-308)
 BIG = tl.constexpr(1e100)  # the back substitution rescales a lane whose entries pass this
@@ -499,9 +510,10 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | Non
         _tridiagonalize_kernel[(1,)](work, q, d, e, h, beta, scratch, n, NP=np2,
                                      ROWS=ROW_BLOCK, num_warps=8)
     w = torch.empty(n, dtype=f64, device=dev)
+    _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, NP=np2, BLOCK=BISECT_BLOCK,
+                                                    PROBES=PROBES, ITERS=BISECT_ITERS,
+                                                    num_warps=4)
     lanes = (triton.cdiv(n, EIGEN_BLOCK),)
-    _bisect_kernel[lanes](d, e, w, n, NP=np2, BLOCK=EIGEN_BLOCK, PROBES=PROBES,
-                          ITERS=BISECT_ITERS, num_warps=4)
     # Shifts: a chain of (nearly) equal eigenvalues gets shifts at least 10ε‖T‖ apart
     # (stein's perturbation), x_j = max(λ_j, x_{j-1} + δ) = jδ + max_{i<=j}(λ_i − iδ).
     # Clusters: chains whose consecutive gaps are within CLUSTER·‖T‖; start_j is the first

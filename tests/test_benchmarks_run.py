@@ -36,7 +36,8 @@ def test_eigh_probe_runs(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert {(r["solver"], r["k"]) for r in rows} == {
-        (s, k) for s in ("torch.linalg.eigh", "syevd", "syev_batched", "jacobi") for k in (2, 5)}
+        (s, k) for s in ("torch.linalg.eigh", "syevd", "syev_batched", "jacobi", "tridiagonal")
+        for k in (2, 5)}
     for r in rows:
         assert r["eig_err"] <= 1e-5 and r["residual"] <= 1e-5 and r["ms"] > 0, r
         assert (r["syncs"] is None) == (r["device"] == "cpu")
@@ -47,7 +48,7 @@ def test_goal_tables_run(tmp_path):
     # every row is there, with a number or with what it needs (CUDA, inf_cl).
     import json
     script = Path(__file__).parent.parent / "benchmarks" / "goals.py"
-    for table, rows_expected in (("hide", 6), ("infonce", 6)):
+    for table, rows_expected in (("hide", 7), ("infonce", 6)):
         out = subprocess.run([sys.executable, str(script), table, "--quick", "--json",
                               str(tmp_path / f"{table}.json")],
                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
