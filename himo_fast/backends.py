@@ -43,6 +43,10 @@ CPU_LOGITS_KEPT = 1 << 21
 # cuSOLVER's XsyevBatched runs inside a CUDA-graph capture up to this size: 128, 256 and
 # 512 captured on an H100, 768 and 1024 did not (benchmarks/eigh_probe.py, 2026-11-23).
 SYEV_BATCHED_CAPTURE_MAX = 512
+# Above that, while capturing, the tridiagonal solver with its grid reduction (3 launches a
+# reduction step; kernels/eigh.py) up to its size limit, then Jacobi. Not measured yet on a
+# GPU: predicted ≈ 5-10 ms at 768 as a graph, against Jacobi's 230 ms.
+TRIDIAGONAL_CAPTURE_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -99,23 +103,25 @@ def sync_free_eigh(a):
 
 
 @functools.lru_cache(maxsize=None)
-def _prepare_for_capture(device: torch.device) -> None:
-    """Run each capture-time solver once, eagerly, on a 2 x 2 problem: a Triton kernel's
-    first launch (compile, module load) and cuSOLVER's parameter set and workspace query
-    then never happen inside a capture."""
+def _prepare_for_capture(device: torch.device, k: int) -> None:
+    """Run the solver a capture of a k x k problem would use once, eagerly: a Triton
+    kernel's first launch (compile, module load) and cuSOLVER's parameter set and
+    workspace query then never happen inside a capture."""
     from . import kernels
-    a = torch.eye(2, device=device, dtype=torch.float64)
-    kernels.jacobi_eigh(a, sweeps=1)
-    if ops.SYM_EIGH_ON_CUDA:
-        ops.sym_eigh(a, "syev_batched")
+    if ops.SYM_EIGH_ON_CUDA and k <= SYEV_BATCHED_CAPTURE_MAX:
+        ops.sym_eigh(torch.eye(2, device=device, dtype=torch.float64), "syev_batched")
+    elif k <= TRIDIAGONAL_CAPTURE_MAX:
+        kernels.tridiagonal_eigh(torch.eye(k, device=device, dtype=torch.float64))
+    else:
+        kernels.jacobi_eigh(torch.eye(2, device=device, dtype=torch.float64), sweeps=1)
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_slow_capture(k: int) -> None:
     warnings.warn(
         f"himo_fast: HiDe captured in a CUDA graph with a {k} x {k} Gram/covariance matrix "
-        f"uses the Jacobi eigensolver, which is exact but slow above "
-        f"{SYEV_BATCHED_CAPTURE_MAX} (≈ 230 ms at 768 on an H100, against 8 ms for the eager "
+        "uses the Jacobi eigensolver, which is exact but slow above "
+        f"{TRIDIAGONAL_CAPTURE_MAX} (≈ 230 ms at 768 on an H100, against 8 ms for the eager "
         "syevd): leave the loss outside the captured region there.", stacklevel=3)
 
 
@@ -123,18 +129,21 @@ def _capturable_eigh(a):
     """The triton backend's eigensolver on CUDA. Up to kernels.eigh.SMALL_MAX (the
     per-rank Gram matrix of the paper's recipe, 128²): the Triton tridiagonal solver,
     eagerly and while capturing (sync-free, capturable, no cuSOLVER latency). Above it:
-    syevd (sync-free) eagerly; while the current stream is capturing a graph, XsyevBatched
-    up to SYEV_BATCHED_CAPTURE_MAX and the Triton Jacobi kernels above it (nothing else
-    torch or cuSOLVER ships captures)."""
+    syevd (sync-free) eagerly; while the current stream is capturing a graph (nothing
+    else torch or cuSOLVER ships captures), XsyevBatched up to SYEV_BATCHED_CAPTURE_MAX,
+    the tridiagonal solver's grid reduction up to TRIDIAGONAL_CAPTURE_MAX, Jacobi above."""
     from . import kernels
-    if a.shape[0] <= kernels.eigh.SMALL_MAX:
+    k = a.shape[0]
+    if k <= kernels.eigh.SMALL_MAX:
         return kernels.tridiagonal_eigh(a)
     if torch.cuda.is_current_stream_capturing():
-        if ops.SYM_EIGH_ON_CUDA and a.shape[0] <= SYEV_BATCHED_CAPTURE_MAX:
+        if ops.SYM_EIGH_ON_CUDA and k <= SYEV_BATCHED_CAPTURE_MAX:
             return ops.sym_eigh(a, "syev_batched")
-        _warn_slow_capture(a.shape[0])
+        if k <= TRIDIAGONAL_CAPTURE_MAX:
+            return kernels.tridiagonal_eigh(a)
+        _warn_slow_capture(k)
         return kernels.jacobi_eigh(a)
-    _prepare_for_capture(a.device)
+    _prepare_for_capture(a.device, k)
     return sync_free_eigh(a)
 
 

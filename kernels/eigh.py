@@ -193,6 +193,11 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
 # recurrences that run for all eigenvalues at once. Float64 throughout.
 
 SMALL_MAX = 256  # above this, one program's passes over the n x n matrix cost milliseconds
+# Above SMALL_MAX the reduction runs on the whole GPU, 3 launches a step (_grid_reduction):
+# for a capture at d = 768, where XsyevBatched cannot be captured and Jacobi costs 230 ms.
+TRIDIAGONAL_MAX = 1024
+GRID_COLS = 16  # columns per program of the grid reduction (16 float64: 128-byte rows)
+GRID_ROWS = 64  # rows per tile there
 # Up to this (padded) size the reduction keeps A and Q in registers: 2 x 128² float64 over
 # 16 warps is 64 registers a thread each. Above it, tiles of ROW_BLOCK rows from L1/L2.
 RESIDENT_MAX = 128
@@ -215,6 +220,22 @@ SAFE_MIN = tl.constexpr(2.2250738585072014e-308)
 BIG = tl.constexpr(1e100)  # the back substitution rescales a lane whose entries pass this
 
 
+@triton.jit
+def _reflector(a_ptr, n, k, NP: tl.constexpr):
+    """Householder reflector of step k from row k of A (= column k): (v, β, α, a_kk) with
+    v zero up to index k, (I − βvvᵀ) x = α e_{k+1}; v − α e_{k+1} = x, x0 − α without
+    cancellation."""
+    cols = tl.arange(0, NP)
+    x = tl.load(a_ptr + k * n + cols, mask=(cols > k) & (cols < n), other=0.0)
+    x0 = tl.load(a_ptr + k * n + k + 1)
+    norm = tl.sqrt(tl.sum(x * x, 0))
+    alpha = tl.where(x0 >= 0, -norm, norm)
+    v = tl.where(cols == k + 1, x - alpha, x)
+    vv = 2.0 * norm * (norm + tl.abs(x0))
+    beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
+    return v, beta, alpha, tl.load(a_ptr + k * n + k)
+
+
 @triton.jit(do_not_specialize=["n"])
 def _tridiagonalize_kernel(a_ptr, q_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
                            NP: tl.constexpr, ROWS: tl.constexpr):
@@ -224,14 +245,8 @@ def _tridiagonalize_kernel(a_ptr, q_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n
     cols = tl.arange(0, NP)
     for k in range(0, n - 2):
         trailing = (cols > k) & (cols < n)
-        x = tl.load(a_ptr + k * n + cols, mask=trailing, other=0.0)  # row k = column k
-        x0 = tl.load(a_ptr + k * n + k + 1)
-        norm = tl.sqrt(tl.sum(x * x, 0))
-        alpha = tl.where(x0 >= 0, -norm, norm)
-        v = tl.where(cols == k + 1, x - alpha, x)  # x0 − α = x0 + sign(x0)‖x‖: no cancellation
-        vv = 2.0 * norm * (norm + tl.abs(x0))
-        beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
-        tl.store(d_ptr + k, tl.load(a_ptr + k * n + k))
+        v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
+        tl.store(d_ptr + k, akk)
         tl.store(e_ptr + k, alpha)
         tl.store(h_ptr + k * n + cols, v, mask=cols < n)
         tl.store(beta_ptr + k, beta)
@@ -318,26 +333,31 @@ def _tridiagonalize_resident_kernel(a_ptr, q_ptr, d_ptr, e_ptr, n, NP: tl.conste
 
 
 @triton.jit
-def _gershgorin(d_ptr, e_ptr, n, NP: tl.constexpr):
+def _gershgorin(d_ptr, e_ptr, n, CHUNK: tl.constexpr):
     """(lower, upper) Gershgorin bounds of T, and pivmin, LAPACK stebz's floor for a
-    Sturm pivot (safe-minimum · max(1, max e²): e²/pivmin never overflows)."""
-    i = tl.arange(0, NP)
-    d = tl.load(d_ptr + i, mask=i < n, other=0.0)
-    e = tl.abs(tl.load(e_ptr + i, mask=i < n - 1, other=0.0))
-    e_before = tl.abs(tl.load(e_ptr + i - 1, mask=(i >= 1) & (i < n), other=0.0))
-    lower = tl.min(tl.where(i < n, d - e - e_before, float("inf")), 0)
-    upper = tl.max(tl.where(i < n, d + e + e_before, -float("inf")), 0)
-    pivmin = SAFE_MIN * tl.maximum(1.0, tl.max(e * e, 0))
-    return lower, upper, pivmin
+    Sturm pivot (safe-minimum · max(1, max e²): e²/pivmin never overflows). In chunks, so
+    that a one-warp program holds no n-long vector."""
+    lower = tl.full((), float("inf"), tl.float64)
+    upper = tl.full((), -float("inf"), tl.float64)
+    e2max = tl.full((), 1.0, tl.float64)
+    for i0 in range(0, n, CHUNK):
+        i = i0 + tl.arange(0, CHUNK)
+        d = tl.load(d_ptr + i, mask=i < n, other=0.0)
+        e = tl.abs(tl.load(e_ptr + i, mask=i < n - 1, other=0.0))
+        e_before = tl.abs(tl.load(e_ptr + i - 1, mask=(i >= 1) & (i < n), other=0.0))
+        lower = tl.minimum(lower, tl.min(tl.where(i < n, d - e - e_before, float("inf")), 0))
+        upper = tl.maximum(upper, tl.max(tl.where(i < n, d + e + e_before, -float("inf")), 0))
+        e2max = tl.maximum(e2max, tl.max(e * e, 0))
+    return lower, upper, e2max * SAFE_MIN
 
 
 @triton.jit(do_not_specialize=["n"])
-def _bisect_kernel(d_ptr, e_ptr, w_ptr, n, NP: tl.constexpr, BLOCK: tl.constexpr,
+def _bisect_kernel(d_ptr, e_ptr, w_ptr, n, BLOCK: tl.constexpr,
                    PROBES: tl.constexpr, ITERS: tl.constexpr):
     """Eigenvalue j of T (ascending) for the BLOCK lanes j of this program. count(x), the
     number of eigenvalues below x, is the number of negative pivots of LDLᵀ(T − xI);
     λ_j lies in [x, ·) when count(x) <= j, below x otherwise."""
-    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, NP)
+    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, 128)
     norm = tl.maximum(tl.abs(lower), tl.abs(upper))
     margin = 2.1 * FLOAT64_EPS * norm * n + 4.2 * pivmin  # stebz's widening of the bounds
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -363,14 +383,14 @@ def _bisect_kernel(d_ptr, e_ptr, w_ptr, n, NP: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit(do_not_specialize=["n"])
 def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: tl.constexpr,
-                              NP: tl.constexpr, BLOCK: tl.constexpr):
+                              BLOCK: tl.constexpr):
     """One round of inverse iteration for the BLOCK lanes j of this program: y_j ←
     (T − x_j I)⁻¹ y_j, normalised. y is n x n with lane j in column j (FIRST: y_j starts
     pseudo-random); u (4 x n x n) holds each lane's U and transformed right-hand side.
     Elimination with partial pivoting (LAPACK lagtf): U has three diagonals. Pivots
     below ε·max(‖T‖, 1) are raised to it, as lagts does, so that an exact eigenvalue as
     shift gives a large finite solution (T is scaled: ‖T‖ >= 1 or T = 0)."""
-    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, NP)
+    lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, 128)
     tol = FLOAT64_EPS * tl.maximum(tl.maximum(tl.abs(lower), tl.abs(upper)), 1.0)
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < n
@@ -445,46 +465,170 @@ def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: t
 
 
 @triton.jit(do_not_specialize=["n"])
-def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, NP: tl.constexpr,
+def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, ROWS: tl.constexpr,
                                    COLS: tl.constexpr):
     """Program j, if j opens a cluster of size > 1: columns j+1 … j+size−1 of y (n x n,
     unit columns) in order, each losing its components along the cluster's earlier
     columns, twice (classical Gram-Schmidt run twice is orthogonal to working
-    precision), then normalised. Other programs return at once: clusters are independent."""
+    precision), then normalised. Other programs return at once: clusters are independent.
+    Column j is updated in place, ROWS rows at a time (one block when n <= ROWS)."""
     head = tl.program_id(0)
-    rows = tl.arange(0, NP)
-    row_in = rows < n
     if tl.load(start_ptr + head) == head:
         for j in range(head + 1, head + tl.load(size_ptr + head)):
-            yj = tl.load(y_ptr + rows * n + j, mask=row_in, other=0.0)
             for _ in range(2):
                 for c0 in range(head, j, COLS):
                     cols = c0 + tl.arange(0, COLS)
-                    tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
-                                   mask=row_in[:, None] & (cols < j)[None, :], other=0.0)
-                    dots = tl.sum(tile * yj[:, None], 0)
-                    yj -= tl.sum(tile * dots[None, :], 1)
-            yj = yj / tl.sqrt(tl.maximum(tl.sum(yj * yj, 0), SAFE_MIN))
-            tl.store(y_ptr + rows * n + j, yj, mask=row_in)
+                    col_in = cols < j
+                    dots = tl.zeros([COLS], dtype=tl.float64)
+                    for r0 in range(0, n, ROWS):
+                        rows = r0 + tl.arange(0, ROWS)
+                        tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
+                                       mask=(rows < n)[:, None] & col_in[None, :], other=0.0)
+                        yj = tl.load(y_ptr + rows * n + j, mask=rows < n, other=0.0)
+                        dots += tl.sum(tile * yj[:, None], 0)
+                    tl.debug_barrier()
+                    for r0 in range(0, n, ROWS):
+                        rows = r0 + tl.arange(0, ROWS)
+                        tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
+                                       mask=(rows < n)[:, None] & col_in[None, :], other=0.0)
+                        yj = tl.load(y_ptr + rows * n + j, mask=rows < n, other=0.0)
+                        tl.store(y_ptr + rows * n + j, yj - tl.sum(tile * dots[None, :], 1),
+                                 mask=rows < n)
+                    tl.debug_barrier()
+            norm2 = tl.full((), 0.0, tl.float64)
+            for r0 in range(0, n, ROWS):
+                rows = r0 + tl.arange(0, ROWS)
+                yj = tl.load(y_ptr + rows * n + j, mask=rows < n, other=0.0)
+                norm2 += tl.sum(yj * yj, 0)
+            inv = 1.0 / tl.sqrt(tl.maximum(norm2, SAFE_MIN))
+            tl.debug_barrier()
+            for r0 in range(0, n, ROWS):
+                rows = r0 + tl.arange(0, ROWS)
+                yj = tl.load(y_ptr + rows * n + j, mask=rows < n, other=0.0)
+                tl.store(y_ptr + rows * n + j, yj * inv, mask=rows < n)
             tl.debug_barrier()
 
 
-def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | None = None):
+@triton.jit(do_not_specialize=["n", "k"])
+def _reflect_products_kernel(a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
+                             NP: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Step k of the grid reduction (n above SMALL_MAX), part 1. Program c: the reflector
+    (each program forms it from row k, O(n)), and p = β S v on its COLS columns (S is
+    symmetric: column sums of v-weighted rows). Program 0 records d_k, e_k, v_k, β_k."""
+    v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
+    if tl.program_id(0) == 0:
+        cols_all = tl.arange(0, NP)
+        tl.store(h_ptr + k * n + cols_all, v, mask=cols_all < n)
+        tl.store(beta_ptr + k, beta)
+        tl.store(d_ptr + k, akk)
+        tl.store(e_ptr + k, alpha)
+    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    col_in = (cols > k) & (cols < n)
+    acc = tl.zeros([COLS], dtype=tl.float64)
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :],
+                       mask=row_in[:, None] & col_in[None, :], other=0.0)
+        v_r = tl.load(a_ptr + k * n + rows, mask=row_in, other=0.0)
+        v_r = tl.where(rows == k + 1, v_r - alpha, v_r)
+        acc += tl.sum(tile * v_r[:, None], 0)
+    tl.store(p_ptr + cols, beta * acc, mask=cols < n)
+
+
+@triton.jit(do_not_specialize=["n", "k"])
+def _reflect_update_kernel(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr,
+                           COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Part 2: w = p − (β/2)(pᵀv)v and S ← S − v wᵀ − w vᵀ on this program's columns."""
+    idx = tl.arange(0, NP)
+    beta = tl.load(beta_ptr + k)
+    half_pv = 0.5 * beta * tl.sum(tl.load(p_ptr + idx, mask=(idx > k) & (idx < n), other=0.0)
+                                  * tl.load(h_ptr + k * n + idx, mask=idx < n, other=0.0), 0)
+    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    col_in = (cols > k) & (cols < n)
+    v_c = tl.load(h_ptr + k * n + cols, mask=col_in, other=0.0)
+    w_c = tl.load(p_ptr + cols, mask=col_in, other=0.0) - half_pv * v_c
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        inside = row_in[:, None] & col_in[None, :]
+        v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+        w_r = tl.load(p_ptr + rows, mask=row_in, other=0.0) - half_pv * v_r
+        tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        tile = tile - v_r[:, None] * w_c[None, :] - w_r[:, None] * v_c[None, :]
+        tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
+
+
+@triton.jit(do_not_specialize=["n", "k"])
+def _apply_reflector_kernel(q_ptr, h_ptr, beta_ptr, n, k, COLS: tl.constexpr,
+                            ROWS: tl.constexpr):
+    """Q ← H_k Q on this program's COLS columns (H_k touches rows > k only)."""
+    beta = tl.load(beta_ptr + k)
+    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
+    col_in = cols < n
+    r = tl.zeros([COLS], dtype=tl.float64)
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :],
+                       mask=row_in[:, None] & col_in[None, :], other=0.0)
+        r += tl.sum(tile * tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)[:, None], 0)
+    r = beta * r
+    tl.debug_barrier()
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        inside = row_in[:, None] & col_in[None, :]
+        tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+        tl.store(q_ptr + rows[:, None] * n + cols[None, :], tile - v_r[:, None] * r[None, :],
+                 mask=inside)
+
+
+def _grid_reduction(work, d, e, np2):
+    """Householder reduction of the n x n ``work`` (n above SMALL_MAX) with 3 launches a
+    step, each over column blocks of all the GPU's programs: (d, e, Q)."""
+    n = work.shape[0]
+    h = torch.zeros(n, n, dtype=work.dtype, device=work.device)
+    beta = torch.empty(n, dtype=work.dtype, device=work.device)
+    p = torch.empty(n, dtype=work.dtype, device=work.device)
+    grid = (triton.cdiv(n, GRID_COLS),)
+    for k in range(n - 2):
+        _reflect_products_kernel[grid](work, h, beta, d, e, p, n, k, NP=np2, COLS=GRID_COLS,
+                                       ROWS=GRID_ROWS, num_warps=4)
+        _reflect_update_kernel[grid](work, h, beta, p, n, k, NP=np2, COLS=GRID_COLS,
+                                     ROWS=GRID_ROWS, num_warps=4)
+    d[n - 2], d[n - 1], e[n - 2] = work[n - 2, n - 2], work[n - 1, n - 1], work[n - 1, n - 2]
+    q = torch.eye(n, dtype=work.dtype, device=work.device)
+    for k in range(n - 3, -1, -1):
+        _apply_reflector_kernel[grid](q, h, beta, n, k, COLS=GRID_COLS, ROWS=GRID_ROWS,
+                                      num_warps=4)
+    return q
+
+
+REDUCTIONS = ("registers", "program", "grid")
+
+
+def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | None = None):
     """(eigenvalues ascending, eigenvectors as columns) of the symmetric matrix ``a``
-    (n <= SMALL_MAX), like torch.linalg.eigh, with a fixed sequence of launches: no host
-    read, capturable. float32 or float64 in and out, float64 inside. Reads the lower and
-    upper triangle alike (it symmetrises). ``resident``: the register-resident reduction
-    (default: when n fits, RESIDENT_MAX) or the tiled one; a choice for tests."""
+    (n <= TRIDIAGONAL_MAX), like torch.linalg.eigh, with a fixed sequence of launches: no
+    host read, capturable. float32 or float64 in and out, float64 inside. Reads the lower
+    and upper triangle alike (it symmetrises). ``reduction`` (default by size): "registers"
+    up to RESIDENT_MAX, one "program"'s tiles up to SMALL_MAX, the "grid" above (3 launches
+    a step); any of them at any size for tests."""
     check_matrix("a", a)
     n = a.shape[0]
     if a.shape[1] != n:
         raise ValueError(f"a must be a square matrix, got shape {tuple(a.shape)}")
     if a.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"a must be float32 or float64, got {a.dtype}")
-    if n > SMALL_MAX:
-        raise ValueError(f"a must be at most {SMALL_MAX} x {SMALL_MAX}, got shape {tuple(a.shape)}")
+    if n > TRIDIAGONAL_MAX:
+        raise ValueError(f"a must be at most {TRIDIAGONAL_MAX} x {TRIDIAGONAL_MAX}, "
+                         f"got shape {tuple(a.shape)}")
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS} or None, got {reduction!r}")
     if n == 0:
         return a.new_empty(0), a.new_empty(0, 0)
     dev, f64 = a.device, torch.float64
@@ -497,11 +641,13 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | Non
     work = (0.5 * (work + work.T) / scale).contiguous()
     d = torch.empty(n, dtype=f64, device=dev)
     e = torch.zeros(n, dtype=f64, device=dev)
-    if resident is None:
-        resident = np2 <= RESIDENT_MAX
-    if resident:
+    if reduction is None:
+        reduction = ("registers" if np2 <= RESIDENT_MAX else "program") if n <= SMALL_MAX else "grid"
+    if reduction == "registers":
         q = torch.empty(n, n, dtype=f64, device=dev)
         _tridiagonalize_resident_kernel[(1,)](work, q, d, e, n, NP=np2, num_warps=16)
+    elif reduction == "grid":
+        q = _grid_reduction(work, d, e, np2)
     else:
         q = torch.eye(n, dtype=f64, device=dev)
         h = torch.zeros(n, n, dtype=f64, device=dev)
@@ -510,10 +656,9 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | Non
         _tridiagonalize_kernel[(1,)](work, q, d, e, h, beta, scratch, n, NP=np2,
                                      ROWS=ROW_BLOCK, num_warps=8)
     w = torch.empty(n, dtype=f64, device=dev)
-    _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, NP=np2, BLOCK=BISECT_BLOCK,
+    _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, BLOCK=BISECT_BLOCK,
                                                     PROBES=PROBES, ITERS=BISECT_ITERS,
                                                     num_warps=4)
-    lanes = (triton.cdiv(n, EIGEN_BLOCK),)
     # Shifts: a chain of (nearly) equal eigenvalues gets shifts at least 10ε‖T‖ apart
     # (stein's perturbation), x_j = max(λ_j, x_{j-1} + δ) = jδ + max_{i<=j}(λ_i − iδ).
     # Clusters: chains whose consecutive gaps are within CLUSTER·‖T‖; start_j is the first
@@ -529,9 +674,10 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, resident: bool | Non
     start, size = start.to(torch.int32), size.to(torch.int32)
     y = torch.empty(n, n, dtype=f64, device=dev)
     u = torch.empty(4, n, n, dtype=f64, device=dev)
+    lanes = (triton.cdiv(n, EIGEN_BLOCK),)
     for r in range(rounds):
-        _inverse_iteration_kernel[lanes](d, e, shift, y, u, n, FIRST=r == 0, NP=np2,
-                                         BLOCK=EIGEN_BLOCK, num_warps=1)
-        _cluster_orthonormalize_kernel[(n,)](y, start, size, n, NP=np2, COLS=ROW_BLOCK // 2,
-                                             num_warps=4)
+        _inverse_iteration_kernel[lanes](d, e, shift, y, u, n, FIRST=r == 0, BLOCK=EIGEN_BLOCK,
+                                         num_warps=1)
+        _cluster_orthonormalize_kernel[(n,)](y, start, size, n, ROWS=min(np2, 256),
+                                             COLS=ROW_BLOCK // 2, num_warps=4)
     return (w * scale).to(a.dtype), (q @ y).to(a.dtype)

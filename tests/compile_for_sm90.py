@@ -65,9 +65,9 @@ def wrappers():
         kernels.matmul_bias(u, u.T)
         kernels.matmul_bias(u, u.T, bias=torch.randn(40))
     kernels.jacobi_eigh(torch.eye(6, dtype=torch.float64), sweeps=1)
-    # the small-matrix solver at its two reduction kernels' largest sizes (register-resident
-    # up to 128, tiled up to 256), where register pressure is highest
-    for n in (100, 200):
+    # the tridiagonal solver at its three reductions' largest sizes (registers up to 128, one
+    # program's tiles up to 256, the grid's above), where register pressure is highest
+    for n in (100, 200, 768):
         kernels.tridiagonal_eigh(torch.eye(n, dtype=torch.float64))
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular
 

@@ -142,22 +142,23 @@ def test_jacobi_eigh_refuses_bad_input(triton_device):
 # Under the interpreter a launch of the one-program kernels costs ≈ 0.02-0.1 s a row of n:
 # n <= 40 here, and one 100 x 100 case for the register-resident reduction at its size.
 TRIDIAGONAL_CASES = [(1, "decaying", torch.float64, None), (2, "indefinite", torch.float32, None),
-                     (17, "decaying", torch.float64, None), (24, "indefinite", torch.float64, False),
-                     (30, "clustered", torch.float64, None), (33, "clustered", torch.float64, False),
-                     (36, "chain", torch.float64, None), (31, "twenty decades", torch.float64, None),
-                     (20, "rank one", torch.float32, None), (16, "zero", torch.float64, None),
-                     (19, "identity", torch.float64, False), (100, "decaying", torch.float64, True)]
+                     (17, "decaying", torch.float64, None), (24, "indefinite", torch.float64, "program"),
+                     (30, "clustered", torch.float64, None), (33, "clustered", torch.float64, "grid"),
+                     (36, "chain", torch.float64, None), (31, "twenty decades", torch.float64, "grid"),
+                     (20, "rank one", torch.float32, "program"), (16, "zero", torch.float64, None),
+                     (19, "identity", torch.float64, "grid"), (100, "decaying", torch.float64, None)]
 
 
-@pytest.mark.parametrize("k,kind,dtype,resident", TRIDIAGONAL_CASES)
-def test_tridiagonal_eigh_matches_eigh(triton_device, k, kind, dtype, resident):
+@pytest.mark.parametrize("k,kind,dtype,reduction", TRIDIAGONAL_CASES)
+def test_tridiagonal_eigh_matches_eigh(triton_device, k, kind, dtype, reduction):
     """Eigenvalues, residual and orthogonality at float64 working precision against LAPACK,
-    with both reductions (registers, tiles), on the spectra where inverse iteration is
-    fragile: repeated and clustered eigenvalues, null spaces, 20 decades of range."""
+    with each reduction (registers, one program's tiles, the grid's), on the spectra where
+    inverse iteration is fragile: repeated and clustered eigenvalues, null spaces, 20
+    decades of range."""
     from himo_fast.kernels.eigh import tridiagonal_eigh
     a = _spectrum_matrix(k, kind, seed=k).to(triton_device, dtype)
     a64 = a.double().cpu()
-    w, v = tridiagonal_eigh(a, resident=resident)
+    w, v = tridiagonal_eigh(a, reduction=reduction)
     assert w.dtype == v.dtype == dtype and w.shape == (k,) and v.shape == (k, k)
     w, v = w.double().cpu(), v.double().cpu()
     tol = 1e-13 if dtype == torch.float64 else 1e-6
@@ -179,24 +180,33 @@ def test_tridiagonal_eigh_rounds_are_what_separates_a_cluster(triton_device):
 
 
 def test_tridiagonal_eigh_refuses_bad_input(triton_device):
-    from himo_fast.kernels.eigh import SMALL_MAX, tridiagonal_eigh
+    from himo_fast.kernels.eigh import TRIDIAGONAL_MAX, tridiagonal_eigh
     with pytest.raises(ValueError, match=r"square matrix, got shape \(3, 4\)"):
         tridiagonal_eigh(torch.randn(3, 4, device=triton_device))
     with pytest.raises(TypeError, match="float32 or float64, got torch.bfloat16"):
         tridiagonal_eigh(torch.eye(3, device=triton_device).bfloat16())
-    with pytest.raises(ValueError, match=f"at most {SMALL_MAX} x {SMALL_MAX}, got shape"):
-        tridiagonal_eigh(torch.eye(SMALL_MAX + 1, device=triton_device))
+    with pytest.raises(ValueError, match=f"at most {TRIDIAGONAL_MAX} x {TRIDIAGONAL_MAX}, got"):
+        tridiagonal_eigh(torch.eye(TRIDIAGONAL_MAX + 1, device=triton_device))
     with pytest.raises(ValueError, match="rounds must be a positive int, got 0"):
         tridiagonal_eigh(torch.eye(3, device=triton_device), rounds=0)
+    with pytest.raises(ValueError, match="reduction must be one of .* got 'qr'"):
+        tridiagonal_eigh(torch.eye(3, device=triton_device), reduction="qr")
     w, v = tridiagonal_eigh(torch.empty(0, 0, device=triton_device))
     assert w.shape == (0,) and v.shape == (0, 0)
 
 
-def test_eigh_dispatch_off_capture_is_the_sync_free_eigh(triton_device):
-    """Outside a CUDA-graph capture the triton backend's eigh is the sync-free eigh (syevd
-    on a GPU, LAPACK here); the Jacobi kernels only while capturing (tests/test_hide_triton.py)."""
+def test_eigh_dispatch_off_capture(triton_device):
+    """Outside a CUDA-graph capture the triton backend's eigh is, on a GPU, the Triton
+    tridiagonal solver up to SMALL_MAX and the sync-free eigh (syevd) above; under the
+    interpreter LAPACK's (the interpreted solver is tested above). While capturing:
+    tests/test_hide_triton.py."""
     from himo_fast import backends
+    from himo_fast.kernels.eigh import SMALL_MAX, tridiagonal_eigh
     eigh = backends.triton_hide_ops(triton_device.type).eigh
-    a = _spectrum_matrix(9, "decaying", seed=3).to(triton_device, torch.float32)
-    for x, y in zip(eigh(a), backends.sync_free_eigh(a)):
-        assert torch.equal(x, y)
+    on_gpu = triton_device.type == "cuda"
+    sizes = (9, SMALL_MAX + 1) if on_gpu else (9,)
+    for k in sizes:
+        a = _spectrum_matrix(k, "decaying", seed=3).to(triton_device, torch.float32)
+        want = tridiagonal_eigh(a) if on_gpu and k <= SMALL_MAX else backends.sync_free_eigh(a)
+        for x, y in zip(eigh(a), want):
+            assert torch.equal(x, y), k
