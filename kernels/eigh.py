@@ -173,24 +173,32 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
 
 # ---------------------------------------------------------------- the small-matrix solver
 #
-# ``tridiagonal_eigh``: the full decomposition of a symmetric n x n matrix, n <= SMALL_MAX,
-# in a handful of launches of which none depends on the data's size through the host:
+# ``tridiagonal_eigh``: the full decomposition of a symmetric n x n matrix, n <= SMALL_MAX
+# (and up to TRIDIAGONAL_MAX for captures), in launches of which none depends on the data
+# through the host:
 #
-#   1. one program: Householder reduction to tridiagonal T = QᵀAQ (LAPACK sytrd's
-#      unblocked algorithm), and Q formed by backward accumulation (orgtr);
+#   1. Householder reduction to tridiagonal T = QᵀAQ (LAPACK sytrd's unblocked algorithm),
+#      Q kept as its n−2 reflectors: one program (A in registers up to RESIDENT_MAX, tiles
+#      from L1/L2 up to SMALL_MAX), or above that 2 launches a step over the whole GPU;
 #   2. eigenvalues of T by multisection of Sturm counts (stebz): every eigenvalue
 #      independently, PROBES points per iteration, a fixed iteration count;
 #   3. eigenvectors of T by inverse iteration (stein): each lane solves (T − x_j I) y = b by
 #      Gaussian elimination with partial pivoting, ROUNDS times; between rounds, the
 #      vectors of each cluster (a chain of eigenvalues closer than CLUSTER·‖T‖) are
-#      orthonormalised against each other (one program, two Gram-Schmidt passes);
-#   4. V = Q Y (one float64 GEMM).
+#      orthonormalised against each other (a program per cluster, two Gram-Schmidt passes);
+#   4. V = Q Y: the reflectors applied to Y's column blocks, one launch (ormtr).
 #
 # Why not Jacobi or QL here: a Jacobi sweep is n−1 dependent steps and 10+ sweeps are
 # needed (≈ 1300 barriers at n = 128); QL's bulge chase is O(n²) dependent scalar
 # rotations. Here the dependent chains are the n−2 reflector steps (each a matrix-vector
-# product and a rank-2 update of the trailing block, from L1/L2) and O(n) scalar
-# recurrences that run for all eigenvalues at once. Float64 throughout.
+# product and a rank-2 update of the trailing block) and O(n) scalar recurrences that run
+# for all eigenvalues at once. Float64 throughout.
+#
+# Floor and prediction at n = 128 on an H100 (not yet measured): the reduction is 126
+# dependent steps of ≈ 6 block reductions over the register tile (≈ 1 µs a step): ≈ 0.13
+# ms; bisection 13 x 128 dependent divisions ≈ 0.09 ms; inverse iteration 3 rounds of 4
+# passes of 128 dependent steps ≈ 0.05 ms; back-transformation 126 steps on 16-column
+# blocks ≈ 0.04 ms; ≈ 25 small torch ops of glue. ≈ 0.3 ms against syevd's 1.44 ms.
 
 SMALL_MAX = 256  # above this, one program's passes over the n x n matrix cost milliseconds
 # Above SMALL_MAX the reduction runs on the whole GPU, 3 launches a step (_grid_reduction):
@@ -237,11 +245,11 @@ def _reflector(a_ptr, n, k, NP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n"])
-def _tridiagonalize_kernel(a_ptr, q_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
+def _tridiagonalize_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
                            NP: tl.constexpr, ROWS: tl.constexpr):
-    """One program. a (n x n, overwritten) → d, e (T's diagonal and off-diagonal) and Q
-    (q must hold the identity). Reflector k is H_k = I − β_k v_k v_kᵀ with v_k zero up to
-    index k (stored as row k of h, β_k in beta); p is a scratch vector (2·NP)."""
+    """One program. a (n x n, overwritten) → d, e (T's diagonal and off-diagonal) and the
+    reflectors, T = QᵀAQ with Q = H_0 ⋯ H_{n-3}: H_k = I − β_k v_k v_kᵀ with v_k zero up to
+    index k (row k of h, β_k in beta). p is a scratch vector (2·NP)."""
     cols = tl.arange(0, NP)
     for k in range(0, n - 2):
         trailing = (cols > k) & (cols < n)
@@ -276,40 +284,16 @@ def _tridiagonalize_kernel(a_ptr, q_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n
         tl.store(d_ptr + n - 2, tl.load(a_ptr + (n - 2) * n + n - 2))
         tl.store(e_ptr + n - 2, tl.load(a_ptr + (n - 1) * n + n - 2))
     tl.store(d_ptr + n - 1, tl.load(a_ptr + (n - 1) * n + n - 1))
-    # Q = H_0 ⋯ H_{n-3} I, the last reflector first: H_k touches rows and columns > k only.
-    for kk in range(0, n - 2):
-        k = n - 3 - kk
-        beta = tl.load(beta_ptr + k)
-        r = tl.zeros([NP], dtype=tl.float64)
-        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            row_in = (rows > k) & (rows < n)
-            tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :],
-                           mask=row_in[:, None] & (cols < n)[None, :], other=0.0)
-            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-            r += tl.sum(tile * v_r[:, None], 0)
-        r = beta * r  # β vᵀQ
-        tl.debug_barrier()
-        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            row_in = (rows > k) & (rows < n)
-            inside = row_in[:, None] & (cols < n)[None, :]
-            tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-            tl.store(q_ptr + rows[:, None] * n + cols[None, :], tile - v_r[:, None] * r[None, :],
-                     mask=inside)
-        tl.debug_barrier()
 
 
 @triton.jit(do_not_specialize=["n"])
-def _tridiagonalize_resident_kernel(a_ptr, q_ptr, d_ptr, e_ptr, n, NP: tl.constexpr):
-    """_tridiagonalize_kernel for NP <= RESIDENT_MAX: A and Q stay in registers (as two
-    NP x NP tiles; the steps' row extractions and products are reductions over them), so
-    that a step costs no memory traffic. Q is accumulated forwards, Q ← Q H_k."""
+def _tridiagonalize_resident_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, n, NP: tl.constexpr):
+    """_tridiagonalize_kernel for NP <= RESIDENT_MAX: A stays in registers (one NP x NP
+    tile; a step's row extraction and product are reductions over it), so that a step
+    costs no memory traffic."""
     idx = tl.arange(0, NP)
     inside = (idx < n)[:, None] & (idx < n)[None, :]
     a = tl.load(a_ptr + idx[:, None] * n + idx[None, :], mask=inside, other=0.0)
-    q = tl.where(inside & (idx[:, None] == idx[None, :]), 1.0, 0.0).to(tl.float64)
     for k in range(0, n - 2):
         row = tl.sum(tl.where(idx[:, None] == k, a, 0.0), 0)  # row k = column k
         tl.store(d_ptr + k, tl.sum(tl.where(idx == k, row, 0.0), 0))
@@ -321,15 +305,15 @@ def _tridiagonalize_resident_kernel(a_ptr, q_ptr, d_ptr, e_ptr, n, NP: tl.conste
         vv = 2.0 * norm * (norm + tl.abs(x0))
         beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
         tl.store(e_ptr + k, alpha)
+        tl.store(h_ptr + k * n + idx, v, mask=idx < n)
+        tl.store(beta_ptr + k, beta)
         p = tl.where(idx > k, beta * tl.sum(a * v[None, :], 1), 0.0)
         w = p - (0.5 * beta * tl.sum(p * v, 0)) * v
         a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
-        q = q - (beta * tl.sum(q * v[None, :], 1))[:, None] * v[None, :]
     if n >= 2:
         tl.store(d_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 2) & (idx[None, :] == n - 2), a, 0.0)))
         tl.store(e_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 2), a, 0.0)))
     tl.store(d_ptr + n - 1, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 1), a, 0.0)))
-    tl.store(q_ptr + idx[:, None] * n + idx[None, :], q, mask=inside)
 
 
 @triton.jit
@@ -559,38 +543,41 @@ def _reflect_update_kernel(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr
         tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
 
 
-@triton.jit(do_not_specialize=["n", "k"])
-def _apply_reflector_kernel(q_ptr, h_ptr, beta_ptr, n, k, COLS: tl.constexpr,
-                            ROWS: tl.constexpr):
-    """Q ← H_k Q on this program's COLS columns (H_k touches rows > k only)."""
-    beta = tl.load(beta_ptr + k)
+@triton.jit(do_not_specialize=["n"])
+def _apply_reflectors_kernel(y_ptr, h_ptr, beta_ptr, n, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Y ← Q Y = H_0 (H_1 (⋯ H_{n-3} Y)) on this program's COLS columns: the eigenvectors
+    of T become those of A. Columns are independent, so the whole back-transformation is
+    one launch over column blocks (H_k touches rows > k only)."""
     cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_in = cols < n
-    r = tl.zeros([COLS], dtype=tl.float64)
-    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_in = (rows > k) & (rows < n)
-        tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :],
-                       mask=row_in[:, None] & col_in[None, :], other=0.0)
-        r += tl.sum(tile * tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)[:, None], 0)
-    r = beta * r
-    tl.debug_barrier()
-    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_in = (rows > k) & (rows < n)
-        inside = row_in[:, None] & col_in[None, :]
-        tile = tl.load(q_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-        v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-        tl.store(q_ptr + rows[:, None] * n + cols[None, :], tile - v_r[:, None] * r[None, :],
-                 mask=inside)
+    for kk in range(0, n - 2):
+        k = n - 3 - kk
+        beta = tl.load(beta_ptr + k)
+        r = tl.zeros([COLS], dtype=tl.float64)
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_in = (rows > k) & (rows < n)
+            tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
+                           mask=row_in[:, None] & col_in[None, :], other=0.0)
+            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+            r += tl.sum(tile * v_r[:, None], 0)
+        r = beta * r
+        tl.debug_barrier()
+        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_in = (rows > k) & (rows < n)
+            inside = row_in[:, None] & col_in[None, :]
+            tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+            tl.store(y_ptr + rows[:, None] * n + cols[None, :], tile - v_r[:, None] * r[None, :],
+                     mask=inside)
+        tl.debug_barrier()
 
 
-def _grid_reduction(work, d, e, np2):
-    """Householder reduction of the n x n ``work`` (n above SMALL_MAX) with 3 launches a
-    step, each over column blocks of all the GPU's programs: (d, e, Q)."""
+def _grid_reduction(work, d, e, h, beta, np2):
+    """Householder reduction of the n x n ``work`` (n above SMALL_MAX) with 2 launches a
+    step, each over column blocks on all the GPU's programs."""
     n = work.shape[0]
-    h = torch.zeros(n, n, dtype=work.dtype, device=work.device)
-    beta = torch.empty(n, dtype=work.dtype, device=work.device)
     p = torch.empty(n, dtype=work.dtype, device=work.device)
     grid = (triton.cdiv(n, GRID_COLS),)
     for k in range(n - 2):
@@ -599,11 +586,6 @@ def _grid_reduction(work, d, e, np2):
         _reflect_update_kernel[grid](work, h, beta, p, n, k, NP=np2, COLS=GRID_COLS,
                                      ROWS=GRID_ROWS, num_warps=4)
     d[n - 2], d[n - 1], e[n - 2] = work[n - 2, n - 2], work[n - 1, n - 1], work[n - 1, n - 2]
-    q = torch.eye(n, dtype=work.dtype, device=work.device)
-    for k in range(n - 3, -1, -1):
-        _apply_reflector_kernel[grid](q, h, beta, n, k, COLS=GRID_COLS, ROWS=GRID_ROWS,
-                                      num_warps=4)
-    return q
 
 
 REDUCTIONS = ("registers", "program", "grid")
@@ -643,18 +625,16 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     e = torch.zeros(n, dtype=f64, device=dev)
     if reduction is None:
         reduction = ("registers" if np2 <= RESIDENT_MAX else "program") if n <= SMALL_MAX else "grid"
+    h = torch.zeros(n, n, dtype=f64, device=dev)
+    beta = torch.zeros(n, dtype=f64, device=dev)
     if reduction == "registers":
-        q = torch.empty(n, n, dtype=f64, device=dev)
-        _tridiagonalize_resident_kernel[(1,)](work, q, d, e, n, NP=np2, num_warps=16)
+        _tridiagonalize_resident_kernel[(1,)](work, d, e, h, beta, n, NP=np2, num_warps=16)
     elif reduction == "grid":
-        q = _grid_reduction(work, d, e, np2)
+        _grid_reduction(work, d, e, h, beta, np2)
     else:
-        q = torch.eye(n, dtype=f64, device=dev)
-        h = torch.zeros(n, n, dtype=f64, device=dev)
-        beta = torch.empty(n, dtype=f64, device=dev)
         scratch = torch.empty(2 * np2, dtype=f64, device=dev)
-        _tridiagonalize_kernel[(1,)](work, q, d, e, h, beta, scratch, n, NP=np2,
-                                     ROWS=ROW_BLOCK, num_warps=8)
+        _tridiagonalize_kernel[(1,)](work, d, e, h, beta, scratch, n, NP=np2, ROWS=ROW_BLOCK,
+                                     num_warps=8)
     w = torch.empty(n, dtype=f64, device=dev)
     _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, BLOCK=BISECT_BLOCK,
                                                     PROBES=PROBES, ITERS=BISECT_ITERS,
@@ -680,4 +660,6 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
                                          num_warps=1)
         _cluster_orthonormalize_kernel[(n,)](y, start, size, n, ROWS=min(np2, 256),
                                              COLS=ROW_BLOCK // 2, num_warps=4)
-    return (w * scale).to(a.dtype), (q @ y).to(a.dtype)
+    _apply_reflectors_kernel[(triton.cdiv(n, GRID_COLS),)](y, h, beta, n, COLS=GRID_COLS,
+                                                           ROWS=GRID_ROWS, num_warps=4)
+    return (w * scale).to(a.dtype), y.to(a.dtype)
