@@ -15,7 +15,8 @@
 # Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
 # tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
 # that folder is there (see benchmarks/README.md). TESTS="NAME ..." runs only those
-# tests/test_NAME.py; BENCH_K passes `-k` to the loss benchmarks.
+# tests/test_NAME.py; BENCH_K passes `-k` to the loss benchmarks; EIGH_SIZES the sizes of
+# probe_eigh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -83,8 +84,8 @@ stage_profile_jacobi() {  # the capture-time Jacobi solver: per-launch kernel ti
 }
 
 stage_probe_eigh() {  # each eigensolver: accuracy, time, host sync, CUDA-graph capture
-  (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" --sizes 128 256 512 768 1024 \
-    --profile --json "$here/${json%.json}-eigh.json")
+  (cd /tmp && timeout 300 python3 "$here/benchmarks/eigh_probe.py" \
+    --sizes ${EIGH_SIZES:-128 256 512 768 1024} --profile --json "$here/${json%.json}-eigh.json")
 }
 
 # From /tmp, so that `import himo_fast` is the installed package, not the source tree.
@@ -138,7 +139,7 @@ stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generat
 {
   echo "# himo_fast GPU check  $stamp"
   echo "command: bash benchmarks/gpu_check.sh ${stages[*]}"
-  for v in TESTS BENCH_K BENCH_TIMEOUT LDFLAGS; do [ -n "${!v:-}" ] && echo "  $v=${!v}"; done
+  for v in TESTS BENCH_K BENCH_TIMEOUT EIGH_SIZES LDFLAGS; do [ -n "${!v:-}" ] && echo "  $v=${!v}"; done
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -2

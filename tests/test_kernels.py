@@ -169,6 +169,28 @@ def test_tridiagonal_eigh_matches_eigh(triton_device, k, kind, dtype, reduction)
     assert (v.T @ v - torch.eye(k, dtype=torch.float64)).abs().max() <= 10 * tol
 
 
+def test_tridiagonal_eigh_clusters_and_shifts(triton_device):
+    """The clusters the inverse iteration re-orthonormalises: chains of eigenvalues whose
+    consecutive gaps are within CLUSTER·‖T‖ (here ‖T‖ = 2: gaps up to 2e-3), each index
+    with its chain's first index and, there, its length; equal eigenvalues get shifts
+    10ε‖T‖ apart."""
+    from himo_fast.kernels.eigh import CLUSTER, FLOAT64_EPS, _shifts_and_clusters_kernel
+    f64 = dict(dtype=torch.float64, device=triton_device)
+    w = torch.tensor([0, 0, 0, 1e-5, 0.5, 0.9, 0.9005, 0.901, 2.0, 2.0], **f64)
+    n = len(w)
+    d, e = torch.zeros(n, **f64), torch.zeros(n, **f64)
+    d[0] = 2.0  # Gershgorin bounds [0, 2]: ‖T‖ = 2
+    shift = torch.empty(n, **f64)
+    start, size = (torch.empty(n, dtype=torch.int32, device=triton_device) for _ in range(2))
+    _shifts_and_clusters_kernel[(1,)](d, e, w, shift, start, size, n, NP=16, CLUSTER=CLUSTER)
+    assert start.tolist() == [0, 0, 0, 0, 4, 5, 5, 5, 8, 8]
+    assert [size[i].item() for i in (0, 4, 5, 8)] == [4, 1, 3, 2]
+    delta = 10 * FLOAT64_EPS.value * 2.0
+    want = w.clone()
+    want[1], want[2], want[9] = delta, 2 * delta, 2.0 + delta
+    assert torch.allclose(shift, want, rtol=0, atol=1e-18)
+
+
 def test_tridiagonal_eigh_rounds_are_what_separates_a_cluster(triton_device):
     """One round of inverse iteration leaves vectors of a cluster mixed with their
     neighbours' (residual ≫ ε); the default rounds converge it."""
