@@ -43,7 +43,7 @@ CPU_LOGITS_KEPT = 1 << 21
 # cuSOLVER's XsyevBatched runs inside a CUDA-graph capture up to this size: 128, 256 and
 # 512 captured on an H100, 768 and 1024 did not (benchmarks/eigh_probe.py, 2026-11-23).
 SYEV_BATCHED_CAPTURE_MAX = 512
-# Above that, while capturing, the tridiagonal solver with its grid reduction (3 launches a
+# Above that, while capturing, the tridiagonal solver with its grid reduction (2 launches a
 # reduction step; kernels/eigh.py) up to its size limit, then Jacobi. Not measured yet on a
 # GPU: predicted ≈ 5-10 ms at 768 as a graph, against Jacobi's 230 ms.
 TRIDIAGONAL_CAPTURE_MAX = 1024

@@ -201,13 +201,13 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
 # blocks ≈ 0.04 ms; ≈ 10 small torch ops of glue. ≈ 0.3 ms against syevd's 1.44 ms.
 
 SMALL_MAX = 256  # above this, one program's passes over the n x n matrix cost milliseconds
-# Above SMALL_MAX the reduction runs on the whole GPU, 3 launches a step (_grid_reduction):
+# Above SMALL_MAX the reduction runs on the whole GPU, 2 launches a step (_grid_reduction):
 # for a capture at d = 768, where XsyevBatched cannot be captured and Jacobi costs 230 ms.
 TRIDIAGONAL_MAX = 1024
 GRID_COLS = 16  # columns per program of the grid reduction (16 float64: 128-byte rows)
 GRID_ROWS = 64  # rows per tile there
-# Up to this (padded) size the reduction keeps A and Q in registers: 2 x 128² float64 over
-# 16 warps is 64 registers a thread each. Above it, tiles of ROW_BLOCK rows from L1/L2.
+# Up to this (padded) size the reduction keeps A in registers: 128² float64 over 16 warps
+# is 64 registers a thread. Above it, tiles of ROW_BLOCK rows from L1/L2.
 RESIDENT_MAX = 128
 # Bisection: BISECT_BLOCK eigenvalues a program, PROBES Sturm-count points each an iteration
 # (a power of 2): log2(PROBES + 1) bits an iteration, (PROBES+1)^BISECT_ITERS >= 2^63, so
@@ -229,18 +229,24 @@ BIG = tl.constexpr(1e100)  # the back substitution rescales a lane whose entries
 
 
 @triton.jit
-def _reflector(a_ptr, n, k, NP: tl.constexpr):
-    """Householder reflector of step k from row k of A (= column k): (v, β, α, a_kk) with
-    v zero up to index k, (I − βvvᵀ) x = α e_{k+1}; v − α e_{k+1} = x, x0 − α without
-    cancellation."""
-    cols = tl.arange(0, NP)
-    x = tl.load(a_ptr + k * n + cols, mask=(cols > k) & (cols < n), other=0.0)
-    x0 = tl.load(a_ptr + k * n + k + 1)
+def _householder(x, x0, cols, k):
+    """Householder reflector of step k from x, row k of A past the diagonal (x0 = its
+    first entry, a_{k,k+1}): (v, β, α), v zero up to index k, (I − βvvᵀ)x = α e_{k+1}.
+    x0 − α = x0 + sign(x0)‖x‖ has no cancellation."""
     norm = tl.sqrt(tl.sum(x * x, 0))
     alpha = tl.where(x0 >= 0, -norm, norm)
     v = tl.where(cols == k + 1, x - alpha, x)
     vv = 2.0 * norm * (norm + tl.abs(x0))
     beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
+    return v, beta, alpha
+
+
+@triton.jit
+def _reflector(a_ptr, n, k, NP: tl.constexpr):
+    """_householder of step k from row k of A (= column k) in memory, and a_kk."""
+    cols = tl.arange(0, NP)
+    x = tl.load(a_ptr + k * n + cols, mask=(cols > k) & (cols < n), other=0.0)
+    v, beta, alpha = _householder(x, tl.load(a_ptr + k * n + k + 1), cols, k)
     return v, beta, alpha, tl.load(a_ptr + k * n + k)
 
 
@@ -297,23 +303,21 @@ def _tridiagonalize_resident_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, n, NP:
     for k in range(0, n - 2):
         row = tl.sum(tl.where(idx[:, None] == k, a, 0.0), 0)  # row k = column k
         tl.store(d_ptr + k, tl.sum(tl.where(idx == k, row, 0.0), 0))
-        x = tl.where(idx > k, row, 0.0)
-        x0 = tl.sum(tl.where(idx == k + 1, row, 0.0), 0)
-        norm = tl.sqrt(tl.sum(x * x, 0))
-        alpha = tl.where(x0 >= 0, -norm, norm)
-        v = tl.where(idx == k + 1, x - alpha, x)
-        vv = 2.0 * norm * (norm + tl.abs(x0))
-        beta = tl.where(vv > 0, 2.0 / tl.where(vv > 0, vv, 1.0), 0.0)
+        v, beta, alpha = _householder(tl.where(idx > k, row, 0.0),
+                                      tl.sum(tl.where(idx == k + 1, row, 0.0), 0), idx, k)
         tl.store(e_ptr + k, alpha)
         tl.store(h_ptr + k * n + idx, v, mask=idx < n)
         tl.store(beta_ptr + k, beta)
         p = tl.where(idx > k, beta * tl.sum(a * v[None, :], 1), 0.0)
         w = p - (0.5 * beta * tl.sum(p * v, 0)) * v
         a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
+    # the last 2 x 2 block
+    last = tl.sum(tl.where(idx[:, None] == n - 1, a, 0.0), 0)  # row n-1
     if n >= 2:
-        tl.store(d_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 2) & (idx[None, :] == n - 2), a, 0.0)))
-        tl.store(e_ptr + n - 2, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 2), a, 0.0)))
-    tl.store(d_ptr + n - 1, tl.sum(tl.where(inside & (idx[:, None] == n - 1) & (idx[None, :] == n - 1), a, 0.0)))
+        before = tl.sum(tl.where(idx[:, None] == n - 2, a, 0.0), 0)
+        tl.store(d_ptr + n - 2, tl.sum(tl.where(idx == n - 2, before, 0.0), 0))
+        tl.store(e_ptr + n - 2, tl.sum(tl.where(idx == n - 2, last, 0.0), 0))
+    tl.store(d_ptr + n - 1, tl.sum(tl.where(idx == n - 1, last, 0.0), 0))
 
 
 @triton.jit
@@ -562,7 +566,7 @@ def _reflect_products_kernel(a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
 @triton.jit(do_not_specialize=["n", "k"])
 def _reflect_update_kernel(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr,
                            COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Part 2: w = p − (β/2)(pᵀv)v and S ← S − v wᵀ − w vᵀ on this program's columns."""
+    """Part 2: w = p − (β/2)(pᵀv)v, and S ← S − v wᵀ − w vᵀ on this program's columns."""
     idx = tl.arange(0, NP)
     beta = tl.load(beta_ptr + k)
     half_pv = 0.5 * beta * tl.sum(tl.load(p_ptr + idx, mask=(idx > k) & (idx < n), other=0.0)
@@ -635,7 +639,7 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     (n <= TRIDIAGONAL_MAX), like torch.linalg.eigh, with a fixed sequence of launches: no
     host read, capturable. float32 or float64 in and out, float64 inside. Reads the lower
     and upper triangle alike (it symmetrises). ``reduction`` (default by size): "registers"
-    up to RESIDENT_MAX, one "program"'s tiles up to SMALL_MAX, the "grid" above (3 launches
+    up to RESIDENT_MAX, one "program"'s tiles up to SMALL_MAX, the "grid" above (2 launches
     a step); any of them at any size for tests."""
     check_matrix("a", a)
     n = a.shape[0]
@@ -663,7 +667,8 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     d = torch.empty(n, dtype=f64, device=dev)
     e = torch.zeros(n, dtype=f64, device=dev)
     if reduction is None:
-        reduction = ("registers" if np2 <= RESIDENT_MAX else "program") if n <= SMALL_MAX else "grid"
+        small = "registers" if np2 <= RESIDENT_MAX else "program"
+        reduction = small if n <= SMALL_MAX else "grid"
     h = torch.zeros(n, n, dtype=f64, device=dev)
     beta = torch.zeros(n, dtype=f64, device=dev)
     if reduction == "registers":
