@@ -8,12 +8,13 @@ XsyevBatched only up to 512: benchmarks/eigh_probe.py on an H100). Which solver 
 himo_fast.backends' choice; this module has two, both float64 inside, both a static
 sequence of launches with no host read:
 
-``tridiagonal_eigh`` (n <= SMALL_MAX = 256, the per-rank Gram matrix of the paper's recipe):
-Householder reduction to tridiagonal form in one program, eigenvalues by multisection of
-Sturm counts, eigenvectors by inverse iteration with the clusters re-orthogonalised (the
-LAPACK sytrd / stebz / stein route, each stage parallel over eigenvalues where LAPACK loops).
+``tridiagonal_eigh`` (n <= SMALL_MAX = 256, the per-rank Gram matrix of the paper's recipe,
+eagerly and in captures; up to TRIDIAGONAL_MAX = 1024 in captures): Householder reduction
+to tridiagonal form (in one program up to 256), eigenvalues by multisection of Sturm counts,
+eigenvectors by inverse iteration with the clusters re-orthogonalised (the LAPACK sytrd /
+stebz / stein / ormtr route, each stage parallel over eigenvalues where LAPACK loops).
 
-``jacobi_eigh`` (any n, used above 512 while capturing): two-sided cyclic Jacobi with the
+``jacobi_eigh`` (any n; used while capturing above 1024): two-sided cyclic Jacobi with the
 round-robin (parallel) ordering. A sweep is n-1 steps; each step rotates n/2 disjoint index
 pairs at once: one small kernel computes the n/2 rotations from the current A, one applies
 ``A ← JᵀAJ`` (double-buffered) and ``V ← VJ``. Float64 whatever the input (the rotations
