@@ -169,6 +169,28 @@ def test_tridiagonal_eigh_matches_eigh(triton_device, k, kind, dtype, reduction)
     assert (v.T @ v - torch.eye(k, dtype=torch.float64)).abs().max() <= 10 * tol
 
 
+@pytest.mark.parametrize("k", [128, 200, 256, 768])
+def test_tridiagonal_eigh_at_hides_sizes_on_gpu(cuda, k):
+    """On a GPU, at the sizes HiDe meets (128² per rank; 200 and 256 on the one-program
+    tiles; 768, the covariance at d = 768, on the grid reduction of a capture): LAPACK's
+    accuracy in float64, on a decaying and a rank-deficient Gram matrix, with no host sync."""
+    from himo_fast.kernels.eigh import tridiagonal_eigh
+    for kind in ("decaying", "rank one"):
+        a = _spectrum_matrix(k, kind, seed=k).to(cuda)
+        tridiagonal_eigh(a)  # compile outside the sync check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            w, v = tridiagonal_eigh(a)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        a64, w, v = a.cpu(), w.cpu(), v.cpu()
+        scale = a64.norm()
+        assert (w - torch.linalg.eigvalsh(a64)).norm() / scale <= 1e-13, kind
+        assert (a64 @ v - v * w).norm() / scale <= 1e-12, kind
+        assert (v.T @ v - torch.eye(k, dtype=torch.float64)).abs().max() <= 1e-12, kind
+
+
 def test_tridiagonal_eigh_clusters_and_shifts(triton_device):
     """The clusters the inverse iteration re-orthonormalises: chains of eigenvalues whose
     consecutive gaps are within CLUSTER·‖T‖ (here ‖T‖ = 2: gaps up to 2e-3), each index
