@@ -7,11 +7,12 @@ the context for everything after it).
     python benchmarks/eigh_probe.py [--sizes 128 768 1024] [--repeats 20] [--json PATH]
 
 Candidates: torch.linalg.eigh (syevd, then a host read of its status), himo_fast::sym_eigh
-with cuSOLVER's syevd and XsyevBatched, the Triton Jacobi solver and the Triton small-matrix
-solver (kernels/eigh.py: tridiagonal_eigh, sizes up to its SMALL_MAX). A candidate that
-captures is also timed as a graph replay (`graph ms`: no launch overhead). On a GPU,
-``--profile`` adds the small-matrix solver's device time per kernel at each size (torch
-profiler): where its time goes.
+with cuSOLVER's syevd and XsyevBatched, the Triton Jacobi solver and the Triton tridiagonal
+solver (kernels/eigh.py: tridiagonal_eigh, up to its TRIDIAGONAL_MAX; above SMALL_MAX its
+grid reduction, which HiDe uses in captures only). A candidate that captures is also timed
+as a graph replay (`graph ms`: no launch overhead). On a GPU, ``--profile`` adds the
+tridiagonal solver's device time per kernel at each size (torch profiler): where its time
+goes.
 On an H100 (2026-11-22) syevd was sync-free but not capturable, 8.2 ms at 768; XsyevBatched
 captured at 128 only; syevj (dropped since) was slower, less accurate, not capturable.
 Without a GPU it runs the same on the CPU (no capture; Jacobi under TRITON_INTERPRET=1), so
@@ -126,7 +127,7 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
         x = torch.randn(k + 3, k, dtype=torch.float64, generator=g)
         a = (x.T @ x).to(device, torch.float32)
         for name in names:
-            if name == "tridiagonal" and k > _small_max():
+            if name == "tridiagonal" and k > _tridiagonal_max():
                 continue
             fn = solver(name)
             try:
@@ -141,15 +142,15 @@ def probe(sizes, device, names=CANDIDATES, repeats=20):
     return rows
 
 
-def _small_max():
-    from himo_fast.kernels.eigh import SMALL_MAX
-    return SMALL_MAX
+def _tridiagonal_max():
+    from himo_fast.kernels.eigh import TRIDIAGONAL_MAX
+    return TRIDIAGONAL_MAX
 
 
 def profile_small(sizes):
     """Device µs per kernel (name, launches, µs each) of one tridiagonal_eigh per size."""
     from himo_fast.kernels.eigh import tridiagonal_eigh
-    for k in (k for k in sizes if k <= _small_max()):
+    for k in (k for k in sizes if k <= _tridiagonal_max()):
         x = torch.randn(k + 3, k, dtype=torch.float64)
         a = (x.T @ x).cuda()
         tridiagonal_eigh(a)
@@ -170,7 +171,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20, help="timed runs (median)")
     p.add_argument("--json", help="write the rows here too")
     p.add_argument("--profile", action="store_true", help="per-kernel time of the Triton "
-                   "small-matrix solver (CUDA only)")
+                   "tridiagonal solver (CUDA only)")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",

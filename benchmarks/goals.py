@@ -124,8 +124,8 @@ def hide_table(quick: bool, rounds: int):
         from himo_fast.train import train_step
         loss = himo_fast.MoLo(backend="triton")
         scale = torch.tensor(100.0, device="cuda", requires_grad=True)
-        # N = 128: HiDe's 128² Gram matrix, the small-matrix solver inside the graph too;
-        # N = 1024: the 768² covariance, Jacobi while capturing.
+        # N = 128: HiDe's 128² Gram matrix, the tridiagonal solver eagerly and in the graph;
+        # N = 1024: the 768² covariance, syevd eagerly, the solver's grid reduction captured.
         for n in (b, cols):
             a = SimpleNamespace(n=n, d=d, steps=max(rounds, 3), device="cuda", tau=0.9)
             med = {}
