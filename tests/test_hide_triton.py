@@ -105,13 +105,17 @@ def _texts_with_spectrum(n, d, lam, seed=0):
     return u * torch.as_tensor(lam, dtype=torch.float64).sqrt() @ w.T + mean
 
 
-@pytest.mark.parametrize("decay", [True, False], ids=["decaying", "isotropic"])
-@pytest.mark.parametrize("tau", [0.5, 0.99])
-def test_small_eigh_hide_has_the_exact_m_and_gradient(small_eigh_backend, decay, tau):
-    """HiDe on the small-matrix solver (N = 33 < d: the 33² Gram matrix): the float64 m,
-    the reconstruction, and the full loss's value and gradients against the reference."""
+@pytest.mark.parametrize("n,d,decay,tau", [(33, 48, True, 0.5), (33, 48, True, 0.99),
+                                         (33, 48, False, 0.5), (33, 48, False, 0.99),
+                                         (45, 28, True, 0.9)],
+                         ids=["gram-decaying-0.5", "gram-decaying-0.99", "gram-isotropic-0.5",
+                              "gram-isotropic-0.99", "covariance-decaying-0.9"])
+def test_small_eigh_hide_has_the_exact_m_and_gradient(small_eigh_backend, n, d, decay, tau):
+    """HiDe on the small-matrix solver (N < d: the N² Gram matrix; N > d: the d²
+    covariance): the float64 m, the reconstruction, and the full loss's value and gradients
+    against the reference."""
     dev = small_eigh_backend
-    v, u = pairs(33, 48, torch.float32, decay=decay, requires_grad=False)
+    v, u = pairs(n, d, torch.float32, decay=decay, requires_grad=False)
     ours = himo_fast.hide(u.to(dev), tau, backend="triton")
     assert rel(ours.cpu(), hide_reference(u.double(), tau)) <= 1e-4
     ops = backends.triton_hide_ops("cpu", eigh=backends._capturable_eigh)
