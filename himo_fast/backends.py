@@ -45,7 +45,7 @@ CPU_LOGITS_KEPT = 1 << 21
 SYEV_BATCHED_CAPTURE_MAX = 512
 # Above that, while capturing, the tridiagonal solver with its grid reduction (2 launches a
 # reduction step; kernels/eigh.py) up to its size limit, then Jacobi. Not measured yet on a
-# GPU: predicted ≈ 5-10 ms at 768 as a graph, against Jacobi's 230 ms.
+# GPU: predicted ≈ 7-8 ms at 768 as a graph, against Jacobi's 230 ms (benchmarks/README.md).
 TRIDIAGONAL_CAPTURE_MAX = 1024
 
 
