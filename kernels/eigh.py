@@ -137,16 +137,21 @@ def _jacobi_step_kernel(a_in, a_out, v_ptr, cs_ptr, n, step, a_programs,
                  mask=ok_v)
 
 
+def _check_symmetric_input(a: torch.Tensor) -> None:
+    """Both solvers' contract: a square float32 / float64 matrix."""
+    check_matrix("a", a)
+    if a.shape[1] != a.shape[0]:
+        raise ValueError(f"a must be a square matrix, got shape {tuple(a.shape)}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a must be float32 or float64, got {a.dtype}")
+
+
 def jacobi_eigh(a: torch.Tensor, sweeps: int = SWEEPS):
     """(eigenvalues ascending, eigenvectors as columns) of the symmetric matrix ``a``, like
     torch.linalg.eigh, with a static sequence of kernel launches (capturable). float32 or
     float64 in and out; float64 inside. Reads the lower and upper triangle alike."""
-    check_matrix("a", a)
+    _check_symmetric_input(a)
     k = a.shape[0]
-    if a.shape[1] != k:
-        raise ValueError(f"a must be a square matrix, got shape {tuple(a.shape)}")
-    if a.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"a must be float32 or float64, got {a.dtype}")
     if not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a non-negative int, got {sweeps!r}")
     # Even size: an odd matrix gets a zero row and column, which no rotation ever touches
@@ -208,7 +213,7 @@ TRIDIAGONAL_MAX = 1024
 GRID_COLS = 16  # columns per program of the grid reduction (16 float64: 128-byte rows)
 GRID_ROWS = 64  # rows per tile there
 # Up to this (padded) size the reduction keeps A in registers: 128² float64 over 16 warps
-# is 64 registers a thread. Above it, tiles of ROW_BLOCK rows from L1/L2.
+# is 64 registers a thread. Above it, column blocks of PROGRAM_COLS from L1/L2.
 RESIDENT_MAX = 128
 # Bisection: BISECT_BLOCK eigenvalues a program, PROBES Sturm-count points each an iteration
 # (a power of 2): log2(PROBES + 1) bits an iteration, (PROBES+1)^BISECT_ITERS >= 2^63, so
@@ -222,7 +227,7 @@ PROBES = 32
 BISECT_ITERS = 13
 ROUNDS = 3  # inverse-iteration rounds; one more than an isolated eigenvalue needs
 CLUSTER = 1e-3  # LAPACK stein's reorthogonalisation threshold, relative to ‖T‖
-ROW_BLOCK = 32  # rows per tile in the one-program kernels
+PROGRAM_COLS = 32  # columns per block in the one-program reduction
 EIGEN_BLOCK = 32  # eigenvectors (lanes) per program of the inverse iteration
 FLOAT64_EPS = tl.constexpr(2.220446049250313e-16)
 SAFE_MIN = tl.constexpr(2.2250738585072014e-308)
@@ -251,41 +256,78 @@ def _reflector(a_ptr, n, k, NP: tl.constexpr):
     return v, beta, alpha, tl.load(a_ptr + k * n + k)
 
 
+@triton.jit
+def _column_dots(src_ptr, v_ptr, shift, n, k, cols, col_in, ROWS: tl.constexpr):
+    """Σ_{r>k} src[r, cols] v_r for the reflector v of step k read at v_ptr (row k of h, or
+    row k of A with shift = α: v = x − α e_{k+1}); ROWS rows at a time."""
+    acc = tl.zeros(cols.shape, dtype=tl.float64)
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        tile = tl.load(src_ptr + rows[:, None] * n + cols[None, :],
+                       mask=row_in[:, None] & col_in[None, :], other=0.0)
+        v_r = tl.load(v_ptr + rows, mask=row_in, other=0.0)
+        acc += tl.sum(tile * tl.where(rows == k + 1, v_r - shift, v_r)[:, None], 0)
+    return acc
+
+
+@triton.jit
+def _reflect_products(a_ptr, p_ptr, n, k, alpha, beta, cols, ROWS: tl.constexpr):
+    """Step k, part 1 on the columns ``cols``: p = β S v (S, the trailing block, is
+    symmetric: column sums of v-weighted rows), v read from row k of A."""
+    col_in = (cols > k) & (cols < n)
+    p = _column_dots(a_ptr, a_ptr + k * n, alpha, n, k, cols, col_in, ROWS)
+    tl.store(p_ptr + cols, beta * p, mask=cols < n)
+
+
+@triton.jit
+def _reflect_update(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, cols, NP: tl.constexpr,
+                    ROWS: tl.constexpr):
+    """Step k, part 2 on the columns ``cols``: w = p − (β/2)(pᵀv)v, and S ← S − v wᵀ − w vᵀ
+    (v in row k of h, p complete)."""
+    idx = tl.arange(0, NP)
+    beta = tl.load(beta_ptr + k)
+    half_pv = 0.5 * beta * tl.sum(tl.load(p_ptr + idx, mask=(idx > k) & (idx < n), other=0.0)
+                                  * tl.load(h_ptr + k * n + idx, mask=idx < n, other=0.0), 0)
+    col_in = (cols > k) & (cols < n)
+    v_c = tl.load(h_ptr + k * n + cols, mask=col_in, other=0.0)
+    w_c = tl.load(p_ptr + cols, mask=col_in, other=0.0) - half_pv * v_c
+    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = (rows > k) & (rows < n)
+        inside = row_in[:, None] & col_in[None, :]
+        v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
+        w_r = tl.load(p_ptr + rows, mask=row_in, other=0.0) - half_pv * v_r
+        tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
+        tile = tile - v_r[:, None] * w_c[None, :] - w_r[:, None] * v_c[None, :]
+        tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
+
+
+@triton.jit
+def _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP: tl.constexpr):
+    cols = tl.arange(0, NP)
+    tl.store(h_ptr + k * n + cols, v, mask=cols < n)
+    tl.store(beta_ptr + k, beta)
+    tl.store(d_ptr + k, akk)
+    tl.store(e_ptr + k, alpha)
+
+
 @triton.jit(do_not_specialize=["n"])
 def _tridiagonalize_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
-                           NP: tl.constexpr, ROWS: tl.constexpr):
+                           NP: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
     """One program. a (n x n, overwritten) → d, e (T's diagonal and off-diagonal) and the
     reflectors, T = QᵀAQ with Q = H_0 ⋯ H_{n-3}: H_k = I − β_k v_k v_kᵀ with v_k zero up to
-    index k (row k of h, β_k in beta). p is a scratch vector (2·NP)."""
-    cols = tl.arange(0, NP)
+    index k (row k of h, β_k in beta). p is a scratch vector (n). Each step runs the grid
+    reduction's two parts over all column blocks in turn."""
     for k in range(0, n - 2):
-        trailing = (cols > k) & (cols < n)
         v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
-        tl.store(d_ptr + k, akk)
-        tl.store(e_ptr + k, alpha)
-        tl.store(h_ptr + k * n + cols, v, mask=cols < n)
-        tl.store(beta_ptr + k, beta)
-        # p = β S v over the trailing block S
-        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            inside = ((rows > k) & (rows < n))[:, None] & trailing[None, :]
-            tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-            tl.store(p_ptr + rows, beta * tl.sum(tile * v[None, :], 1), mask=rows < n)
+        _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP)
+        for c0 in range((k + 1) // COLS * COLS, n, COLS):
+            _reflect_products(a_ptr, p_ptr, n, k, alpha, beta, c0 + tl.arange(0, COLS), ROWS)
         tl.debug_barrier()
-        p = tl.load(p_ptr + cols, mask=trailing, other=0.0)
-        w = p - (0.5 * beta * tl.sum(p * v, 0)) * v
-        tl.store(p_ptr + NP + cols, w, mask=cols < n)
-        tl.debug_barrier()
-        # S ← S − v wᵀ − w vᵀ
-        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            row_in = (rows > k) & (rows < n)
-            inside = row_in[:, None] & trailing[None, :]
-            tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-            w_r = tl.load(p_ptr + NP + rows, mask=row_in, other=0.0)
-            tile = tile - v_r[:, None] * w[None, :] - w_r[:, None] * v[None, :]
-            tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
+        for c0 in range((k + 1) // COLS * COLS, n, COLS):
+            _reflect_update(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, c0 + tl.arange(0, COLS), NP,
+                            ROWS)
         tl.debug_barrier()
     if n >= 2:
         tl.store(d_ptr + n - 2, tl.load(a_ptr + (n - 2) * n + n - 2))
@@ -540,51 +582,22 @@ def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, ROWS: tl.const
 @triton.jit(do_not_specialize=["n", "k"])
 def _reflect_products_kernel(a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
                              NP: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Step k of the grid reduction (n above SMALL_MAX), part 1. Program c: the reflector
-    (each program forms it from row k, O(n)), and p = β S v on its COLS columns (S is
-    symmetric: column sums of v-weighted rows). Program 0 records d_k, e_k, v_k, β_k."""
+    """Step k of the grid reduction (n above SMALL_MAX), part 1 on this program's COLS
+    columns; each program forms the reflector from row k itself (O(n)), program 0 records
+    it."""
     v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
     if tl.program_id(0) == 0:
-        cols_all = tl.arange(0, NP)
-        tl.store(h_ptr + k * n + cols_all, v, mask=cols_all < n)
-        tl.store(beta_ptr + k, beta)
-        tl.store(d_ptr + k, akk)
-        tl.store(e_ptr + k, alpha)
-    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
-    col_in = (cols > k) & (cols < n)
-    acc = tl.zeros([COLS], dtype=tl.float64)
-    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_in = (rows > k) & (rows < n)
-        tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :],
-                       mask=row_in[:, None] & col_in[None, :], other=0.0)
-        v_r = tl.load(a_ptr + k * n + rows, mask=row_in, other=0.0)
-        v_r = tl.where(rows == k + 1, v_r - alpha, v_r)
-        acc += tl.sum(tile * v_r[:, None], 0)
-    tl.store(p_ptr + cols, beta * acc, mask=cols < n)
+        _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP)
+    _reflect_products(a_ptr, p_ptr, n, k, alpha, beta,
+                      tl.program_id(0) * COLS + tl.arange(0, COLS), ROWS)
 
 
 @triton.jit(do_not_specialize=["n", "k"])
 def _reflect_update_kernel(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr,
                            COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Part 2: w = p − (β/2)(pᵀv)v, and S ← S − v wᵀ − w vᵀ on this program's columns."""
-    idx = tl.arange(0, NP)
-    beta = tl.load(beta_ptr + k)
-    half_pv = 0.5 * beta * tl.sum(tl.load(p_ptr + idx, mask=(idx > k) & (idx < n), other=0.0)
-                                  * tl.load(h_ptr + k * n + idx, mask=idx < n, other=0.0), 0)
-    cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
-    col_in = (cols > k) & (cols < n)
-    v_c = tl.load(h_ptr + k * n + cols, mask=col_in, other=0.0)
-    w_c = tl.load(p_ptr + cols, mask=col_in, other=0.0) - half_pv * v_c
-    for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_in = (rows > k) & (rows < n)
-        inside = row_in[:, None] & col_in[None, :]
-        v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-        w_r = tl.load(p_ptr + rows, mask=row_in, other=0.0) - half_pv * v_r
-        tile = tl.load(a_ptr + rows[:, None] * n + cols[None, :], mask=inside, other=0.0)
-        tile = tile - v_r[:, None] * w_c[None, :] - w_r[:, None] * v_c[None, :]
-        tl.store(a_ptr + rows[:, None] * n + cols[None, :], tile, mask=inside)
+    """Part 2 on this program's COLS columns."""
+    _reflect_update(a_ptr, h_ptr, beta_ptr, p_ptr, n, k,
+                    tl.program_id(0) * COLS + tl.arange(0, COLS), NP, ROWS)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -596,16 +609,8 @@ def _apply_reflectors_kernel(y_ptr, h_ptr, beta_ptr, n, COLS: tl.constexpr, ROWS
     col_in = cols < n
     for kk in range(0, n - 2):
         k = n - 3 - kk
-        beta = tl.load(beta_ptr + k)
-        r = tl.zeros([COLS], dtype=tl.float64)
-        for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            row_in = (rows > k) & (rows < n)
-            tile = tl.load(y_ptr + rows[:, None] * n + cols[None, :],
-                           mask=row_in[:, None] & col_in[None, :], other=0.0)
-            v_r = tl.load(h_ptr + k * n + rows, mask=row_in, other=0.0)
-            r += tl.sum(tile * v_r[:, None], 0)
-        r = beta * r
+        r = tl.load(beta_ptr + k) * _column_dots(y_ptr, h_ptr + k * n, 0.0, n, k, cols, col_in,
+                                                 ROWS)
         tl.debug_barrier()
         for r0 in range((k + 1) // ROWS * ROWS, n, ROWS):
             rows = r0 + tl.arange(0, ROWS)
@@ -642,12 +647,8 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     and upper triangle alike (it symmetrises). ``reduction`` (default by size): "registers"
     up to RESIDENT_MAX, one "program"'s tiles up to SMALL_MAX, the "grid" above (2 launches
     a step); any of them at any size for tests."""
-    check_matrix("a", a)
+    _check_symmetric_input(a)
     n = a.shape[0]
-    if a.shape[1] != n:
-        raise ValueError(f"a must be a square matrix, got shape {tuple(a.shape)}")
-    if a.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"a must be float32 or float64, got {a.dtype}")
     if n > TRIDIAGONAL_MAX:
         raise ValueError(f"a must be at most {TRIDIAGONAL_MAX} x {TRIDIAGONAL_MAX}, "
                          f"got shape {tuple(a.shape)}")
@@ -677,9 +678,9 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     elif reduction == "grid":
         _grid_reduction(work, d, e, h, beta, np2)
     else:
-        scratch = torch.empty(2 * np2, dtype=f64, device=dev)
-        _tridiagonalize_kernel[(1,)](work, d, e, h, beta, scratch, n, NP=np2, ROWS=ROW_BLOCK,
-                                     num_warps=8)
+        scratch = torch.empty(n, dtype=f64, device=dev)
+        _tridiagonalize_kernel[(1,)](work, d, e, h, beta, scratch, n, NP=np2, COLS=PROGRAM_COLS,
+                                     ROWS=GRID_ROWS, num_warps=8)
     w = torch.empty(n, dtype=f64, device=dev)
     _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, BLOCK=BISECT_BLOCK,
                                                     PROBES=PROBES, ITERS=BISECT_ITERS,
@@ -696,7 +697,7 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
         _inverse_iteration_kernel[lanes](d, e, shift, y, u, n, FIRST=r == 0, BLOCK=EIGEN_BLOCK,
                                          num_warps=1)
         _cluster_orthonormalize_kernel[(n,)](y, start, size, n, ROWS=min(np2, 256),
-                                             COLS=ROW_BLOCK // 2, num_warps=4)
+                                             COLS=PROGRAM_COLS // 2, num_warps=4)
     _apply_reflectors_kernel[(triton.cdiv(n, GRID_COLS),)](y, h, beta, n, COLS=GRID_COLS,
                                                            ROWS=GRID_ROWS, num_warps=4)
     return (w * scale).to(a.dtype), y.to(a.dtype)
