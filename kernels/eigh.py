@@ -313,12 +313,13 @@ def _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP: t
 
 
 @triton.jit(do_not_specialize=["n"])
-def _tridiagonalize_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
+def _tridiagonalize_kernel(run_ptr, a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
                            NP: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
     """One program. a (n x n, overwritten) → d, e (T's diagonal and off-diagonal) and the
     reflectors, T = QᵀAQ with Q = H_0 ⋯ H_{n-3}: H_k = I − β_k v_k v_kᵀ with v_k zero up to
     index k (row k of h, β_k in beta). p is a scratch vector (n). Each step runs the grid
     reduction's two parts over all column blocks in turn."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     for k in range(0, n - 2):
         v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
         _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP)
@@ -332,14 +333,17 @@ def _tridiagonalize_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, p_ptr, n,
     if n >= 2:
         tl.store(d_ptr + n - 2, tl.load(a_ptr + (n - 2) * n + n - 2))
         tl.store(e_ptr + n - 2, tl.load(a_ptr + (n - 1) * n + n - 2))
-    tl.store(d_ptr + n - 1, tl.load(a_ptr + (n - 1) * n + n - 1))
+    if n >= 1:
+        tl.store(d_ptr + n - 1, tl.load(a_ptr + (n - 1) * n + n - 1))
 
 
 @triton.jit(do_not_specialize=["n"])
-def _tridiagonalize_resident_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, n, NP: tl.constexpr):
+def _tridiagonalize_resident_kernel(run_ptr, a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, n,
+                                    NP: tl.constexpr):
     """_tridiagonalize_kernel for NP <= RESIDENT_MAX: A stays in registers (one NP x NP
     tile; a step's row extraction and product are reductions over it), so that a step
     costs no memory traffic."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     idx = tl.arange(0, NP)
     inside = (idx < n)[:, None] & (idx < n)[None, :]
     a = tl.load(a_ptr + idx[:, None] * n + idx[None, :], mask=inside, other=0.0)
@@ -360,7 +364,8 @@ def _tridiagonalize_resident_kernel(a_ptr, d_ptr, e_ptr, h_ptr, beta_ptr, n, NP:
         before = tl.sum(tl.where(idx[:, None] == n - 2, a, 0.0), 0)
         tl.store(d_ptr + n - 2, tl.sum(tl.where(idx == n - 2, before, 0.0), 0))
         tl.store(e_ptr + n - 2, tl.sum(tl.where(idx == n - 2, last, 0.0), 0))
-    tl.store(d_ptr + n - 1, tl.sum(tl.where(idx == n - 1, last, 0.0), 0))
+    if n >= 1:
+        tl.store(d_ptr + n - 1, tl.sum(tl.where(idx == n - 1, last, 0.0), 0))
 
 
 @triton.jit
@@ -383,11 +388,12 @@ def _gershgorin(d_ptr, e_ptr, n, CHUNK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n"])
-def _bisect_kernel(d_ptr, e_ptr, w_ptr, n, BLOCK: tl.constexpr,
+def _bisect_kernel(run_ptr, d_ptr, e_ptr, w_ptr, n, BLOCK: tl.constexpr,
                    PROBES: tl.constexpr, ITERS: tl.constexpr):
     """Eigenvalue j of T (ascending) for the BLOCK lanes j of this program. count(x), the
     number of eigenvalues below x, is the number of negative pivots of LDLᵀ(T − xI);
     λ_j lies in [x, ·) when count(x) <= j, below x otherwise."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, 128)
     norm = tl.maximum(tl.abs(lower), tl.abs(upper))
     margin = 2.1 * FLOAT64_EPS * norm * n + 4.2 * pivmin  # stebz's widening of the bounds
@@ -423,13 +429,14 @@ def _minimum(a, b):
 
 
 @triton.jit(do_not_specialize=["n"])
-def _shifts_and_clusters_kernel(d_ptr, e_ptr, w_ptr, shift_ptr, start_ptr, size_ptr, n,
+def _shifts_and_clusters_kernel(run_ptr, d_ptr, e_ptr, w_ptr, shift_ptr, start_ptr, size_ptr, n,
                                 NP: tl.constexpr, CLUSTER: tl.constexpr):
     """One program, from the eigenvalues w (ascending): the inverse-iteration shifts, a
     chain of (nearly) equal eigenvalues spread at least δ = 10ε‖T‖ apart (stein's
     perturbation): x_j = max(λ_j, x_{j-1} + δ) = jδ + max_{i<=j}(λ_i − iδ); and the
     clusters, chains whose consecutive gaps are within CLUSTER·‖T‖: start_j is the first
     index of j's chain, size_j (for a first index) its length."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, 128)
     norm = tl.maximum(tl.abs(lower), tl.abs(upper))
     j = tl.arange(0, NP)
@@ -452,7 +459,7 @@ def _shifts_and_clusters_kernel(d_ptr, e_ptr, w_ptr, shift_ptr, start_ptr, size_
 
 
 @triton.jit(do_not_specialize=["n"])
-def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: tl.constexpr,
+def _inverse_iteration_kernel(run_ptr, d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: tl.constexpr,
                               BLOCK: tl.constexpr):
     """One round of inverse iteration for the BLOCK lanes j of this program: y_j ←
     (T − x_j I)⁻¹ y_j, normalised. y is n x n with lane j in column j (FIRST: y_j starts
@@ -460,6 +467,7 @@ def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: t
     Elimination with partial pivoting (LAPACK lagtf): U has three diagonals. Pivots
     below ε·max(‖T‖, 1) are raised to it, as lagts does, so that an exact eigenvalue as
     shift gives a large finite solution (T is scaled: ‖T‖ >= 1 or T = 0)."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     lower, upper, pivmin = _gershgorin(d_ptr, e_ptr, n, 128)
     tol = FLOAT64_EPS * tl.maximum(tl.maximum(tl.abs(lower), tl.abs(upper)), 1.0)
     lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -535,15 +543,16 @@ def _inverse_iteration_kernel(d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: t
 
 
 @triton.jit(do_not_specialize=["n"])
-def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, ROWS: tl.constexpr,
+def _cluster_orthonormalize_kernel(run_ptr, y_ptr, start_ptr, size_ptr, n, ROWS: tl.constexpr,
                                    COLS: tl.constexpr):
     """Program j, if j opens a cluster of size > 1: columns j+1 … j+size−1 of y (n x n,
     unit columns) in order, each losing its components along the cluster's earlier
     columns, twice (classical Gram-Schmidt run twice is orthogonal to working
     precision), then normalised. Other programs return at once: clusters are independent.
     Column j is updated in place, ROWS rows at a time (one block when n <= ROWS)."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     head = tl.program_id(0)
-    if tl.load(start_ptr + head) == head:
+    if (n > 0) & (tl.load(start_ptr + head) == head):  # n = 0: start was not written
         for j in range(head + 1, head + tl.load(size_ptr + head)):
             for _ in range(2):
                 for c0 in range(head, j, COLS):
@@ -580,11 +589,12 @@ def _cluster_orthonormalize_kernel(y_ptr, start_ptr, size_ptr, n, ROWS: tl.const
 
 
 @triton.jit(do_not_specialize=["n", "k"])
-def _reflect_products_kernel(a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
+def _reflect_products_kernel(run_ptr, a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
                              NP: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr):
     """Step k of the grid reduction (n above SMALL_MAX), part 1 on this program's COLS
     columns; each program forms the reflector from row k itself (O(n)), program 0 records
     it."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     v, beta, alpha, akk = _reflector(a_ptr, n, k, NP)
     if tl.program_id(0) == 0:
         _record_step(h_ptr, beta_ptr, d_ptr, e_ptr, n, k, v, beta, alpha, akk, NP)
@@ -593,18 +603,21 @@ def _reflect_products_kernel(a_ptr, h_ptr, beta_ptr, d_ptr, e_ptr, p_ptr, n, k,
 
 
 @triton.jit(do_not_specialize=["n", "k"])
-def _reflect_update_kernel(a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr,
+def _reflect_update_kernel(run_ptr, a_ptr, h_ptr, beta_ptr, p_ptr, n, k, NP: tl.constexpr,
                            COLS: tl.constexpr, ROWS: tl.constexpr):
     """Part 2 on this program's COLS columns."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     _reflect_update(a_ptr, h_ptr, beta_ptr, p_ptr, n, k,
                     tl.program_id(0) * COLS + tl.arange(0, COLS), NP, ROWS)
 
 
 @triton.jit(do_not_specialize=["n"])
-def _apply_reflectors_kernel(y_ptr, h_ptr, beta_ptr, n, COLS: tl.constexpr, ROWS: tl.constexpr):
+def _apply_reflectors_kernel(run_ptr, y_ptr, h_ptr, beta_ptr, n, COLS: tl.constexpr,
+                             ROWS: tl.constexpr):
     """Y ← Q Y = H_0 (H_1 (⋯ H_{n-3} Y)) on this program's COLS columns: the eigenvectors
     of T become those of A. Columns are independent, so the whole back-transformation is
     one launch over column blocks (H_k touches rows > k only)."""
+    n = n * tl.load(run_ptr)  # run = 0: a skipped launch (tridiagonal_eigh's run)
     cols = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_in = cols < n
     for kk in range(0, n - 2):
@@ -623,16 +636,16 @@ def _apply_reflectors_kernel(y_ptr, h_ptr, beta_ptr, n, COLS: tl.constexpr, ROWS
         tl.debug_barrier()
 
 
-def _grid_reduction(work, d, e, h, beta, np2):
+def _grid_reduction(run, work, d, e, h, beta, np2):
     """Householder reduction of the n x n ``work`` (n above SMALL_MAX) with 2 launches a
     step, each over column blocks on all the GPU's programs."""
     n = work.shape[0]
     p = torch.empty(n, dtype=work.dtype, device=work.device)
     grid = (triton.cdiv(n, GRID_COLS),)
     for k in range(n - 2):
-        _reflect_products_kernel[grid](work, h, beta, d, e, p, n, k, NP=np2, COLS=GRID_COLS,
-                                       ROWS=GRID_ROWS, num_warps=4)
-        _reflect_update_kernel[grid](work, h, beta, p, n, k, NP=np2, COLS=GRID_COLS,
+        _reflect_products_kernel[grid](run, work, h, beta, d, e, p, n, k, NP=np2,
+                                       COLS=GRID_COLS, ROWS=GRID_ROWS, num_warps=4)
+        _reflect_update_kernel[grid](run, work, h, beta, p, n, k, NP=np2, COLS=GRID_COLS,
                                      ROWS=GRID_ROWS, num_warps=4)
     d[n - 2], d[n - 1], e[n - 2] = work[n - 2, n - 2], work[n - 1, n - 1], work[n - 1, n - 2]
 
@@ -640,13 +653,19 @@ def _grid_reduction(work, d, e, h, beta, np2):
 REDUCTIONS = ("registers", "program", "grid")
 
 
-def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | None = None):
+def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | None = None,
+                     run: torch.Tensor | None = None):
     """(eigenvalues ascending, eigenvectors as columns) of the symmetric matrix ``a``
     (n <= TRIDIAGONAL_MAX), like torch.linalg.eigh, with a fixed sequence of launches: no
     host read, capturable. float32 or float64 in and out, float64 inside. Reads the lower
     and upper triangle alike (it symmetrises). ``reduction`` (default by size): "registers"
     up to RESIDENT_MAX, one "program"'s tiles up to SMALL_MAX, the "grid" above (2 launches
-    a step); any of them at any size for tests."""
+    a step); any of them at any size for tests.
+
+    ``run``: a one-element int32 tensor on a's device, read by the kernels themselves. 0
+    makes every launch return at once (the outputs are then unspecified, NaN included):
+    a branch decided on the device, a solve that costs its launches only where it is not
+    needed (subspace_iteration's fallback). Default: run."""
     _check_symmetric_input(a)
     n = a.shape[0]
     if n > TRIDIAGONAL_MAX:
@@ -656,9 +675,14 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     if reduction is not None and reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS} or None, got {reduction!r}")
+    if run is not None and (run.dtype != torch.int32 or run.numel() != 1
+                            or run.device != a.device):
+        raise ValueError(f"run must be a one-element int32 tensor on {a.device}, got "
+                         f"{run.dtype} of shape {tuple(run.shape)} on {run.device}")
     if n == 0:
         return a.new_empty(0), a.new_empty(0, 0)
     dev, f64 = a.device, torch.float64
+    run = torch.ones(1, dtype=torch.int32, device=dev) if run is None else run
     np2 = max(triton.next_power_of_2(n), 16)
     # Scaled to max |a_ij| = 1 (1 for a zero matrix), as LAPACK's syev scales: ‖T‖ >= 1 or
     # T = 0, so that the tolerances below are relative to 1 and no pivot underflows.
@@ -674,30 +698,31 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     h = torch.zeros(n, n, dtype=f64, device=dev)
     beta = torch.zeros(n, dtype=f64, device=dev)
     if reduction == "registers":
-        _tridiagonalize_resident_kernel[(1,)](work, d, e, h, beta, n, NP=np2, num_warps=16)
+        _tridiagonalize_resident_kernel[(1,)](run, work, d, e, h, beta, n, NP=np2,
+                                              num_warps=16)
     elif reduction == "grid":
-        _grid_reduction(work, d, e, h, beta, np2)
+        _grid_reduction(run, work, d, e, h, beta, np2)
     else:
         scratch = torch.empty(n, dtype=f64, device=dev)
-        _tridiagonalize_kernel[(1,)](work, d, e, h, beta, scratch, n, NP=np2, COLS=PROGRAM_COLS,
-                                     ROWS=GRID_ROWS, num_warps=8)
+        _tridiagonalize_kernel[(1,)](run, work, d, e, h, beta, scratch, n, NP=np2,
+                                     COLS=PROGRAM_COLS, ROWS=GRID_ROWS, num_warps=8)
     w = torch.empty(n, dtype=f64, device=dev)
-    _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](d, e, w, n, BLOCK=BISECT_BLOCK,
+    _bisect_kernel[(triton.cdiv(n, BISECT_BLOCK),)](run, d, e, w, n, BLOCK=BISECT_BLOCK,
                                                     PROBES=PROBES, ITERS=BISECT_ITERS,
                                                     num_warps=4)
     shift = torch.empty(n, dtype=f64, device=dev)
     start = torch.empty(n, dtype=torch.int32, device=dev)
     size = torch.empty(n, dtype=torch.int32, device=dev)
-    _shifts_and_clusters_kernel[(1,)](d, e, w, shift, start, size, n, NP=np2, CLUSTER=CLUSTER,
-                                      num_warps=4)
+    _shifts_and_clusters_kernel[(1,)](run, d, e, w, shift, start, size, n, NP=np2,
+                                      CLUSTER=CLUSTER, num_warps=4)
     y = torch.empty(n, n, dtype=f64, device=dev)
     u = torch.empty(4, n, n, dtype=f64, device=dev)
     lanes = (triton.cdiv(n, EIGEN_BLOCK),)
     for r in range(rounds):
-        _inverse_iteration_kernel[lanes](d, e, shift, y, u, n, FIRST=r == 0, BLOCK=EIGEN_BLOCK,
-                                         num_warps=1)
-        _cluster_orthonormalize_kernel[(n,)](y, start, size, n, ROWS=min(np2, 256),
+        _inverse_iteration_kernel[lanes](run, d, e, shift, y, u, n, FIRST=r == 0,
+                                         BLOCK=EIGEN_BLOCK, num_warps=1)
+        _cluster_orthonormalize_kernel[(n,)](run, y, start, size, n, ROWS=min(np2, 256),
                                              COLS=PROGRAM_COLS // 2, num_warps=4)
-    _apply_reflectors_kernel[(triton.cdiv(n, GRID_COLS),)](y, h, beta, n, COLS=GRID_COLS,
+    _apply_reflectors_kernel[(triton.cdiv(n, GRID_COLS),)](run, y, h, beta, n, COLS=GRID_COLS,
                                                            ROWS=GRID_ROWS, num_warps=4)
     return (w * scale).to(a.dtype), y.to(a.dtype)

@@ -204,7 +204,9 @@ def test_tridiagonal_eigh_clusters_and_shifts(triton_device):
     d[0] = 2.0  # Gershgorin bounds [0, 2]: ‖T‖ = 2
     shift = torch.empty(n, **f64)
     start, size = (torch.empty(n, dtype=torch.int32, device=triton_device) for _ in range(2))
-    _shifts_and_clusters_kernel[(1,)](d, e, w, shift, start, size, n, NP=16, CLUSTER=CLUSTER)
+    run = torch.ones(1, dtype=torch.int32, device=triton_device)
+    _shifts_and_clusters_kernel[(1,)](run, d, e, w, shift, start, size, n, NP=16,
+                                      CLUSTER=CLUSTER)
     assert start.tolist() == [0, 0, 0, 0, 4, 5, 5, 5, 8, 8]
     assert [size[i].item() for i in (0, 4, 5, 8)] == [4, 1, 3, 2]
     delta = 10 * FLOAT64_EPS.value * 2.0
@@ -249,6 +251,35 @@ def test_tridiagonal_eigh_rounds_are_what_separates_a_cluster(triton_device):
     res = {r: ((a @ v - v * w).norm() / a.norm()).item()
            for r in (1, ROUNDS) for w, v in [tridiagonal_eigh(a, rounds=r)]}
     assert res[ROUNDS] <= 1e-13 and res[1] > 100 * res[ROUNDS], res
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN fill
+@pytest.mark.parametrize("reduction", ["registers", "program", "grid"])
+def test_tridiagonal_eigh_run_flag_skips_every_launch(triton_device, reduction, monkeypatch):
+    """run = 0 (read by the kernels on the device): no kernel writes anything. Fresh
+    buffers are filled with NaN here, so the eigenvalues and eigenvectors come back all
+    NaN (nothing computed them) and the input is untouched; run = 1 is the plain solve."""
+    from himo_fast.kernels import eigh as eigh_mod
+    a = _spectrum_matrix(20, "decaying", seed=4).to(triton_device)
+    one = torch.ones(1, dtype=torch.int32, device=triton_device)
+    w, v = eigh_mod.tridiagonal_eigh(a, reduction=reduction)
+    w1, v1 = eigh_mod.tridiagonal_eigh(a, reduction=reduction, run=one)
+    assert torch.equal(w1, w) and torch.equal(v1, v) and torch.isfinite(v).all()
+    empty = torch.empty
+
+    def nan_empty(*size, **kwargs):
+        t = empty(*size, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    before = a.clone()
+    zero = torch.zeros(1, dtype=torch.int32, device=triton_device)
+    w0, v0 = eigh_mod.tridiagonal_eigh(a, reduction=reduction, run=zero)
+    assert torch.equal(a, before) and w0.isnan().all() and v0.isnan().all()
+    w1, v1 = eigh_mod.tridiagonal_eigh(a, reduction=reduction, run=one)
+    assert torch.allclose(w1, w, rtol=0, atol=1e-14) and torch.isfinite(v1).all()
+    with pytest.raises(ValueError, match="run must be a one-element int32 tensor"):
+        eigh_mod.tridiagonal_eigh(a, run=torch.ones(1, device=triton_device))
 
 
 def test_tridiagonal_eigh_refuses_bad_input(triton_device):
