@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import _extension, ops, reference
+from . import _extension, ops, pca, reference, subspace_iteration
 from .dual_infonce import dual_infonce as compiled_dual_infonce
 from .factors import TORCH_OPS, HiDeOps, hide_factors
 
@@ -47,6 +47,13 @@ SYEV_BATCHED_CAPTURE_MAX = 512
 # reduction step; kernels/eigh.py) up to its size limit, then Jacobi. Not measured yet on a
 # GPU: predicted ≈ 7-8 ms at 768 as a graph, against Jacobi's 230 ms (benchmarks/README.md).
 TRIDIAGONAL_CAPTURE_MAX = 1024
+# The triton backend's PCA above kernels.eigh.SMALL_MAX up to this size, eagerly and while
+# capturing: subspace iteration with every decision on the device (subspace_iteration.py),
+# the full solve (the tridiagonal solver's one-program reduction, its launches predicated
+# on the device) where the certificate fails. Not measured on a GPU yet: predicted ≈ 2-4 ms
+# for HiDe fwd+bwd at N=1024, d=768 eagerly, against syevd's 11.8 ms (benchmarks/README.md).
+# Setting it to SMALL_MAX turns it off: the full solvers of _capturable_eigh then.
+SUBSPACE_ITERATION_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -147,15 +154,48 @@ def _capturable_eigh(a):
     return sync_free_eigh(a)
 
 
-def triton_hide_ops(kind: str, eigh: Callable | None = None) -> HiDeOps:
+def _predicated_full_eigh(a, run):
+    from . import kernels
+    return kernels.tridiagonal_eigh(a, reduction="program", run=run)
+
+
+def _top_subspace(small, tau, gram):
+    from . import kernels
+    return subspace_iteration.top_subspace(small, tau, gram, kernels.tridiagonal_eigh,
+                                           _predicated_full_eigh)
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_top_subspace(device: torch.device, k: int) -> None:
+    """_prepare_for_capture for _top_subspace: both branches' kernels (an identity fails
+    the certificate: the full solve runs), the start block, cuSOLVER's Cholesky."""
+    _top_subspace(torch.eye(k, device=device, dtype=torch.float64), 0.9, False)
+
+
+def _triton_subspace(small, tau, gram):
+    """The triton backend's PCA on CUDA: the full decomposition (_capturable_eigh) up to
+    kernels.eigh.SMALL_MAX and above SUBSPACE_ITERATION_MAX, subspace iteration between."""
+    from . import kernels
+    k = small.shape[0]
+    if kernels.eigh.SMALL_MAX < k <= SUBSPACE_ITERATION_MAX:
+        if not (small.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _prepare_top_subspace(small.device, k)
+        return _top_subspace(small, tau, gram)
+    return pca.full_subspace(small, tau, gram, _capturable_eigh)
+
+
+def triton_hide_ops(kind: str, eigh: Callable | None = None,
+                    subspace: Callable | None = None) -> HiDeOps:
     """HiDe's primitives on the Triton kernels, with the eigensolver for this device type:
-    on CPU tensors (the interpreter) LAPACK's, since the interpreted Triton solver takes
-    seconds a call (tests/test_kernels.py tests it, and tests/test_hide_triton.py HiDe with
-    it, by passing ``eigh``)."""
+    on CUDA ``_triton_subspace``; on CPU tensors (the interpreter) LAPACK's full eigh, since
+    the interpreted Triton solver takes seconds a call (tests/test_kernels.py tests it, and
+    tests/test_hide_triton.py and tests/test_subspace_iteration.py HiDe with it, by passing
+    ``eigh`` or ``subspace``)."""
     from . import kernels  # triton is imported only when this backend runs
-    if eigh is None:
-        eigh = _capturable_eigh if kind == "cuda" else torch.linalg.eigh
-    return HiDeOps(kernels.centre, kernels.gram_or_cov, kernels.product, eigh)
+    if eigh is None and subspace is None and kind == "cuda":
+        eigh, subspace = _capturable_eigh, _triton_subspace
+    return HiDeOps(kernels.centre, kernels.gram_or_cov, kernels.product,
+                   eigh or torch.linalg.eigh, subspace)
 
 
 def triton_impl(kernel_ops: HiDeOps) -> Impl:

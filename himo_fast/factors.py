@@ -23,6 +23,7 @@ import torch
 from .pca import (Subspace, Split, centring_backward, compute_dtype,
                   differentiable_subspace, factor,
                   factor_backward, gram_or_cov, principal_subspace, split)
+from .subspace_iteration import PartialBasis
 
 
 def _centre(u: torch.Tensor):
@@ -43,6 +44,8 @@ class HiDeOps(NamedTuple):
     small_matrix: Callable  # (X̂, gram) -> X̂X̂ᵀ or X̂ᵀX̂
     product: Callable  # (a, b, bias=None) -> a @ b + bias
     eigh: Callable = torch.linalg.eigh  # symmetric a -> (eigenvalues ascending, vectors)
+    # (small, tau, gram) -> pca.Subspace in place of the full eigh, where set
+    subspace: Callable | None = None
 
 
 TORCH_OPS = HiDeOps(_centre, gram_or_cov, _product)
@@ -59,19 +62,25 @@ class _HiDeFactors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
         mean, x = ops.centre(u)
-        sub = principal_subspace(x, tau, ops.small_matrix, eigh=ops.eigh)
+        sub = principal_subspace(x, tau, ops.small_matrix, eigh=ops.eigh, subspace=ops.subspace)
+        if sub.partial is not None and sliced:
+            raise ValueError("himo_fast: a partial (block) basis needs the masked layout "
+                             "(sliced=False)")
         parts = split(sub, sliced)
         z, b = factor(x, sub, parts, ops.product)
         empty = x.new_empty(0)
         across = parts.across if parts.across is not None else empty
+        partial = sub.partial
         ctx.save_for_backward(x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept,
-                              parts.lam_rest, across, z, b)
+                              parts.lam_rest, across, z, b,
+                              *((partial.small, partial.ok) if partial is not None else ()))
         ctx.gram = sub.gram
+        ctx.block = partial.block if partial is not None else None
         return z, b, mean
 
     @staticmethod
     def backward(ctx, grad_z, grad_b, grad_mean):
-        x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b = ctx.saved_tensors
+        x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: this fused backward is exact for consumers of Z Bᵀ, but
             # not itself differentiable; autograd would differentiate it as a constant.
@@ -79,7 +88,8 @@ class _HiDeFactors(torch.autograd.Function):
                 "himo_fast: HiDe's fused backward (backends 'cpu', 'cuda', 'triton') has no "
                 "double backward (create_graph=True); use backend='reference', whose "
                 "gradients are differentiable to any order")
-        sub = Subspace(None, eigvals, None, None, ctx.gram)
+        sub = Subspace(None, eigvals, None, None, ctx.gram,
+                       PartialBasis(*partial, ctx.block) if partial else None)
         parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
         grad_z = torch.zeros_like(z) if grad_z is None else grad_z
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b

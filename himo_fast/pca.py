@@ -34,6 +34,9 @@ class Subspace(NamedTuple):
     keep: torch.Tensor  # (k,) bool: inside the top-m subspace and numerically non-zero
     m: torch.Tensor  # () int64: the chosen number of components (the authors' m)
     gram: bool  # True: basis lives in sample space (k = N); False: feature space (k = d)
+    # From subspace_iteration.top_subspace: the basis may be a block of Ritz vectors (zero
+    # columns after it), and the backward then needs this (its resolvent).
+    partial: "subspace_iteration.PartialBasis | None" = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,14 +96,17 @@ def gram_or_cov(x: torch.Tensor, gram: bool, blocks: int = 3) -> torch.Tensor:
 
 
 def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
-                       eigh=torch.linalg.eigh) -> Subspace:
+                       eigh=torch.linalg.eigh, subspace=None) -> Subspace:
     """Eigendecomposition of the smaller of Gram / covariance of centred x
     (``small_matrix(x, gram)`` forms it: torch here, a Triton kernel in kernels/centre).
     ``eigh``: the full decomposition (backends.py picks it per device: a sync-free one on
-    GPUs)."""
+    GPUs); or ``subspace(small, tau, gram) -> Subspace`` in its place where given (the
+    triton backend's, which may be subspace_iteration's partial one)."""
     n, d = x.shape
     gram = n <= d
     small = _finite(small_matrix(x.to(PCA_DTYPE), gram))
+    if subspace is not None:
+        return subspace(small, tau, gram)
     return full_subspace(small, tau, gram, eigh)
 
 
@@ -187,6 +193,9 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     if parts.across is not None:
         k12 = k12 * parts.across
     w = parts.rest @ k12.T
+    if sub.partial is not None:  # a block of Ritz vectors: the rest is not all in the basis
+        w = torch.where(sub.partial.ok,
+                        sub.partial.resolvent(parts.kept, parts.rest, lam, s_kept, floor), w)
     # Grouped so that the last product has width 2a (one GEMM, not three of width a).
     if sub.gram:
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).

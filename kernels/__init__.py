@@ -4,7 +4,8 @@ himo_fast.backends and himo_fast.ops compose them.
 
 - ``centre``: batch centring (mean + X̂) and the centred Gram / covariance matrix;
 - ``eigh``: eigensolvers whose launches a CUDA graph can capture: for matrices up to
-  256² (tridiagonal reduction, bisection, inverse iteration), and parallel Jacobi above;
+  1024² (tridiagonal reduction, bisection, inverse iteration; a device-side flag can skip
+  all its launches), and parallel Jacobi;
 - ``reconstruct``: the factor products of the reconstruction and of the component
   similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward;
 - ``infonce``: the fused dual InfoNCE (the op himo_fast::fused_dual_ce), forward and

@@ -69,6 +69,9 @@ def wrappers():
     # program's tiles up to 256, the grid's above), where register pressure is highest
     for n in (100, 200, 768):
         kernels.tridiagonal_eigh(torch.eye(n, dtype=torch.float64))
+    # the one-program reduction at 768: subspace iteration's predicated fallback
+    kernels.tridiagonal_eigh(torch.eye(768, dtype=torch.float64), reduction="program",
+                             run=torch.zeros(1, dtype=torch.int32))
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular
 
     def forward_backward(branch, s):

@@ -184,11 +184,12 @@ def test_small_eigh_tie_at_the_cutoff(small_eigh_backend):
     assert torch.isfinite(u.grad).all()
 
 
-# The triton backend decomposes the small matrix with kernels.tridiagonal_eigh up to 256²
-# and himo_fast::sym_eigh above (cuSOLVER's syevd, its info flag left on the device), so
-# nothing in HiDe reads the device on the host: the sync-debug test passed on an H100 (with
-# syevd). syevd cannot be captured in a CUDA graph (test_sym_eigh.py); while a stream is
-# capturing, XsyevBatched or the tridiagonal solver replace it (backends._capturable_eigh).
+# The triton backend decomposes the small matrix with kernels.tridiagonal_eigh up to 256²,
+# by subspace iteration up to 1024² (test_subspace_iteration.py) and himo_fast::sym_eigh
+# above (cuSOLVER's syevd, its info flag left on the device), so nothing in HiDe reads the
+# device on the host: the sync-debug test passed on an H100 (with syevd). syevd cannot be
+# captured in a CUDA graph (test_sym_eigh.py); while a stream is capturing, Jacobi replaces
+# it there (backends._capturable_eigh).
 def _molo_step(v, u, s):
     for t in (v, u, s):
         t.grad = None
@@ -231,8 +232,8 @@ captured_grads = [t.grad for t in (v, u, s)]  # the graph writes these on each r
 # bfloat16 gradients: a difference at rounding level flips some elements by one bf16 ulp.
 tol = 1e-4 if dtype == torch.float32 else 2e-3
 # Replays on new batches (a different cutoff m each time: it is data, not shape), against
-# eager steps on the same inputs. At 1024 x 768 eager runs syevd on the 768² covariance,
-# the graph the tridiagonal solver's grid reduction: equal to rounding.
+# eager steps on the same inputs. At 1024 x 768 both run subspace iteration on the 768²
+# covariance (its certificate and the predicated fallback decided on the device).
 for seed in (1, 2):
     new_v, new_u = fresh(seed)
     with torch.no_grad():
