@@ -195,7 +195,8 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     w = parts.rest @ k12.T
     if sub.partial is not None:  # a block of Ritz vectors: the rest is not all in the basis
         w = torch.where(sub.partial.ok,
-                        sub.partial.resolvent(parts.kept, parts.rest, lam, s_kept, floor), w)
+                        sub.partial.resolvent(parts.kept, parts.rest, lam, s_kept, floor,
+                                              out_dtype), w)
     # Grouped so that the last product has width 2a (one GEMM, not three of width a).
     if sub.gram:
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).

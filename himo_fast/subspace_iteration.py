@@ -69,7 +69,10 @@ def _cg_iterations(ratio: float, target: float) -> int:
     return math.ceil(math.log(target / 2.0) / math.log(rate)) + 1
 
 
-CG_ITERS = _cg_iterations(RATIO, 1e-15)
+# The backward's CG error target by the features' dtype: float32 gradients are judged at
+# max(2e-4, 2x the authors' float32 error ≈ 1e-5) (tests/test_exactness.py), float64 at 1e-8.
+CG_TARGET = {torch.float32: 1e-10, torch.float64: 1e-15}
+CG_ITERS = {dtype: _cg_iterations(RATIO, target) for dtype, target in CG_TARGET.items()}
 
 
 class PartialBasis(NamedTuple):
@@ -81,16 +84,18 @@ class PartialBasis(NamedTuple):
     block: int
 
     def resolvent(self, kept: torch.Tensor, rest: torch.Tensor, lam: torch.Tensor,
-                  s_kept: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+                  s_kept: torch.Tensor, floor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """factor_backward's W = rest Kᵀ for this basis where certified: column i is
         Σ_j v_j v_jᵀ s_i / (λ_i − λ_j) over every eigenvector j outside the kept set, those
         outside the block included, as (λ_i I − S)⁻¹ on span(kept)⊥ applied to s_i. The
         masked layout of pca.split: ``kept``/``rest`` (k x k, the block's Ritz vectors in
-        columns [0, block)), ``lam`` (k,), ``s_kept`` = S̄·kept (k x k)."""
+        columns [0, block)), ``lam`` (k,), ``s_kept`` = S̄·kept (k x k); ``dtype``: the
+        features' (CG_ITERS by it)."""
         k, r = kept.shape[0], self.block
         inside = (kept[:, :r] != 0).any(0).to(kept.dtype)  # the kept columns of the block
         w = deflated_resolvent(self.small, kept[:, :r], lam[:r], rest[:, :r],
-                               lam[:r] * (1.0 - inside), s_kept[:, :r] * inside, floor)
+                               lam[:r] * (1.0 - inside), s_kept[:, :r] * inside, floor,
+                               CG_ITERS.get(dtype, CG_ITERS[torch.float64]))
         return torch.cat([w, w.new_zeros(k, k - r)], 1)
 
 
@@ -233,7 +238,7 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
 
 def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor,
                        defl: torch.Tensor, defl_values: torch.Tensor, rhs: torch.Tensor,
-                       floor: torch.Tensor, iters: int = CG_ITERS) -> torch.Tensor:
+                       floor: torch.Tensor, iters: int = CG_ITERS[torch.float64]) -> torch.Tensor:
     """y_i = (shift_i I − A)⁻¹ P rhs_i on the complement of ``kept`` (P = I − KKᵀ).
 
     The kept columns are the top eigenvectors and shift_i their eigenvalues, so the
