@@ -161,8 +161,9 @@ def _predicated_full_eigh(a, run):
 
 def _top_subspace(small, tau, gram):
     from . import kernels
-    return subspace_iteration.top_subspace(small, tau, gram, kernels.tridiagonal_eigh,
-                                           _predicated_full_eigh)
+    return subspace_iteration.top_subspace(
+        small, tau, gram, kernels.tridiagonal_eigh, _predicated_full_eigh,
+        cg=subspace_iteration.CGSteps(kernels.cg_update, kernels.cg_direction))
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,10 +175,12 @@ def _prepare_top_subspace(device: torch.device, k: int) -> None:
 
 def _triton_subspace(small, tau, gram):
     """The triton backend's PCA on CUDA: the full decomposition (_capturable_eigh) up to
-    kernels.eigh.SMALL_MAX and above SUBSPACE_ITERATION_MAX, subspace iteration between."""
+    kernels.eigh.SMALL_MAX and above SUBSPACE_ITERATION_MAX, subspace iteration between
+    where τ <= subspace_iteration.TAU_MAX (above it the block rarely holds the cutoff)."""
     from . import kernels
     k = small.shape[0]
-    if kernels.eigh.SMALL_MAX < k <= SUBSPACE_ITERATION_MAX:
+    if (kernels.eigh.SMALL_MAX < k <= SUBSPACE_ITERATION_MAX
+            and tau <= subspace_iteration.TAU_MAX):
         if not (small.is_cuda and torch.cuda.is_current_stream_capturing()):
             _prepare_top_subspace(small.device, k)
         return _top_subspace(small, tau, gram)

@@ -75,7 +75,7 @@ class _HiDeFactors(torch.autograd.Function):
                               parts.lam_rest, across, z, b,
                               *((partial.small, partial.ok) if partial is not None else ()))
         ctx.gram = sub.gram
-        ctx.block = partial.block if partial is not None else None
+        ctx.partial = (partial.block, partial.cg) if partial is not None else None
         return z, b, mean
 
     @staticmethod
@@ -89,7 +89,7 @@ class _HiDeFactors(torch.autograd.Function):
                 "double backward (create_graph=True); use backend='reference', whose "
                 "gradients are differentiable to any order")
         sub = Subspace(None, eigvals, None, None, ctx.gram,
-                       PartialBasis(*partial, ctx.block) if partial else None)
+                       PartialBasis(*partial, *ctx.partial) if partial else None)
         parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
         grad_z = torch.zeros_like(z) if grad_z is None else grad_z
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b

@@ -55,7 +55,13 @@ WARMUP = 2  # power steps of S + (T/k)·I (full rank whatever S's rank) before t
 # loses rank to its top directions between two Cholesky QRs).
 FILTERS = 6
 DEGREE = 4
-RATIO = 0.5  # ρ: the complement's spectrum certified below ρ·λ*
+# ρ: the complement's spectrum certified below ρ·λ*. Measured on the CPU (the synthetic
+# spectrum, 24 batches from 300 x 512 to 4096 x 768, τ = 0.8 and 0.9, block 128): 0.5
+# certifies 16 of them at τ = 0.9, 0.6 and above all 24; the CG iterations grow with it.
+RATIO = 0.65
+# τ above which backends does not try the block: there m outgrows it (τ = 0.93: m ≈ 110-130
+# of 768, λ_129/λ_m ≈ 0.8) and the certificate fails; the full solvers then run directly.
+TAU_MAX = 0.9
 ACCURACY = 1e-9  # the kept subspace's certified angle to the exact one
 SLACK = 64.0
 ORTHONORMAL = 1e-12  # max |VᵀV − I| for the Ritz values to be bounds
@@ -82,6 +88,7 @@ class PartialBasis(NamedTuple):
     ok: torch.Tensor  # () bool: certified: basis columns [0, block) are the Ritz vectors,
     #                    the others zero; otherwise the basis is the full decomposition
     block: int
+    cg: "CGSteps" = None  # the CG steps (TORCH_CG where None)
 
     def resolvent(self, kept: torch.Tensor, rest: torch.Tensor, lam: torch.Tensor,
                   s_kept: torch.Tensor, floor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,7 +102,8 @@ class PartialBasis(NamedTuple):
         inside = (kept[:, :r] != 0).any(0).to(kept.dtype)  # the kept columns of the block
         w = deflated_resolvent(self.small, kept[:, :r], lam[:r], rest[:, :r],
                                lam[:r] * (1.0 - inside), s_kept[:, :r] * inside, floor,
-                               CG_ITERS.get(dtype, CG_ITERS[torch.float64]))
+                               CG_ITERS.get(dtype, CG_ITERS[torch.float64]),
+                               self.cg or TORCH_CG)
         return torch.cat([w, w.new_zeros(k, k - r)], 1)
 
 
@@ -204,13 +212,15 @@ def certificate(s: torch.Tensor, total: torch.Tensor, theta: torch.Tensor, v: to
 
 
 def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callable,
-                 full_eigh: Callable, block: int = BLOCK, guard: int = GUARD) -> Subspace:
+                 full_eigh: Callable, block: int = BLOCK, guard: int = GUARD,
+                 cg: "CGSteps | None" = None) -> Subspace:
     """pca.full_subspace's Subspace of the PSD ``small`` (float64, k x k) from a block of
     ``block`` Ritz vectors where the certificate holds, else from ``full_eigh(small, run)``
     (run: a one-element int32 tensor, 0 where the certificate holds: the solve is then
     skipped on the device, its outputs unused). ``small_eigh`` solves the block x block
-    Rayleigh–Ritz problems. Either way: the float64 m, the exact subspace (to ACCURACY),
-    and a ``partial`` for the backward."""
+    Rayleigh–Ritz problems, ``cg`` the backward's CG steps (TORCH_CG by default). Either
+    way: the float64 m, the exact subspace (to ACCURACY), and a ``partial`` for the
+    backward."""
     k = small.shape[0]
     s = small
     total = s.diagonal().sum()
@@ -233,12 +243,38 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     basis = torch.where(ok, torch.cat([v, v.new_zeros(k, pad)], 1), vec_full.flip(1))
     m, inside = cutoff_from_eigvals(eigvals, tau, torch.where(ok, total, eigvals.sum()))
     keep = inside & (eigvals > numerical_zero(eigvals))
-    return Subspace(basis, eigvals, keep, m, gram, PartialBasis(s, ok, block))
+    return Subspace(basis, eigvals, keep, m, gram, PartialBasis(s, ok, block, cg))
+
+
+class CGSteps(NamedTuple):
+    """The two elementwise halves of a deflated CG iteration, in place (kernels/resolvent.py
+    fuses each into one launch; these are their torch twins)."""
+
+    update: Callable  # (p, ap, shift, y, res, rs): α = rs/pᵀ(ap + shift·p), y += αp, res −= α(ap + shift·p)
+    direction: Callable  # (res, z_res, corr, p, rs): res −= z_res, p = res − corr + (res'ᵀres'/rs)p, rs = res'ᵀres'
+
+
+def _cg_update(p, ap, shift, y, res, rs):
+    mp = torch.addcmul(ap, shift, p)
+    alpha = rs / torch.linalg.vecdot(p, mp, dim=0).clamp(min=torch.finfo(p.dtype).tiny)
+    y.addcmul_(alpha, p)
+    res.addcmul_(alpha, mp, value=-1.0)
+
+
+def _cg_direction(res, z_res, corr, p, rs):
+    res.sub_(z_res)
+    rs_new = torch.linalg.vecdot(res, res, dim=0)
+    p.mul_(rs_new / rs.clamp(min=torch.finfo(p.dtype).tiny)).add_(res).sub_(corr)
+    rs.copy_(rs_new)
+
+
+TORCH_CG = CGSteps(_cg_update, _cg_direction)
 
 
 def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor,
                        defl: torch.Tensor, defl_values: torch.Tensor, rhs: torch.Tensor,
-                       floor: torch.Tensor, iters: int = CG_ITERS[torch.float64]) -> torch.Tensor:
+                       floor: torch.Tensor, iters: int = CG_ITERS[torch.float64],
+                       cg: CGSteps = TORCH_CG) -> torch.Tensor:
     """y_i = (shift_i I − A)⁻¹ P rhs_i on the complement of ``kept`` (P = I − KKᵀ).
 
     The kept columns are the top eigenvectors and shift_i their eigenvalues, so the
@@ -247,8 +283,9 @@ def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor
     21, 2000) remove that: the Ritz vectors ``defl`` (Zᵀ A Z = diag(defl_values)) are
     solved exactly, the rest iteratively, with the condition the certificate bounds.
     Exact whatever the accuracy of Z (only the convergence depends on it). All columns
-    at once, ``iters`` fixed, no host read. Zero columns of ``kept``, ``defl`` or ``rhs``
-    (the masked layout) change nothing; a zero right-hand side stays exactly zero.
+    at once, ``iters`` fixed, no host read; an iteration is 3 products and the two ``cg``
+    steps. Zero columns of ``kept``, ``defl`` or ``rhs`` (the masked layout) change
+    nothing; a zero right-hand side stays exactly zero.
     """
     def perp(v):
         return v - kept @ (kept.T @ v)
@@ -260,31 +297,25 @@ def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor
     neg_inv_gaps = -1.0 / (shifts[None, :] - defl_values[:, None]).clamp(min=floor)
     dv = defl_values[:, None]
 
-    def deflate(v):
-        """(v with its Z part removed, Z(ZᵀMZ)⁻¹ZᵀMv for that v), in two products."""
-        c = zaz.T @ v
-        zv, azv = c[:p_defl], c[p_defl:]
-        # ZᵀA(v − Z·zv) = azv − θ·zv, and Zᵀ(v − Z·zv) = 0
-        both = defl @ torch.cat([zv, torch.addcmul(azv, dv, zv, value=-1.0) * neg_inv_gaps], 1)
-        return v - both[:, :cols], both[:, cols:]
+    def deflation(v):
+        """(Z·zv, Z(ZᵀMZ)⁻¹ZᵀM(v − Z·zv)) with zv = Zᵀv: v − Z·zv is v deflated."""
+        c = zaz.T @ v  # [zv; ZᵀAv]
+        # ZᵀA(v − Z·zv) = ZᵀAv − θ·zv, and Zᵀ(v − Z·zv) = 0
+        c[p_defl:].addcmul_(dv, c[:p_defl], value=-1.0).mul_(neg_inv_gaps)
+        both = torch.matmul(defl, c.view(2, p_defl, cols))
+        return both[0], both[1]
 
-    def apply(v):  # P(shift_i − A)v
-        return torch.addcmul(neg_a_perp @ v, shifts, v)
-
-    tiny = torch.finfo(a.dtype).tiny
     b = perp(rhs)
     y = defl @ ((defl.T @ b) * -neg_inv_gaps)
-    res, corr = deflate(b - apply(y))
+    res = b - torch.addcmul(neg_a_perp @ y, shifts, y)
+    z_res, corr = deflation(res)
+    res = res - z_res
     p = res - corr
     rs = torch.linalg.vecdot(res, res, dim=0)
     for _ in range(iters):
-        mp = apply(p)
-        alpha = rs / torch.linalg.vecdot(p, mp, dim=0).clamp(min=tiny)
-        y = torch.addcmul(y, alpha, p)
+        cg.update(p, neg_a_perp @ p, shifts, y, res, rs)
         # Deflated residuals are orthogonal to Z; rounding breaks that, and past
         # convergence the broken part (where M is nearly singular) would grow: restore it.
-        res, corr = deflate(torch.addcmul(res, alpha, mp, value=-1.0))
-        rs_new = torch.linalg.vecdot(res, res, dim=0)
-        p = torch.addcmul(res - corr, rs_new / rs.clamp(min=tiny), p)
-        rs = rs_new
+        z_res, corr = deflation(res)
+        cg.direction(res, z_res, corr, p, rs)
     return perp(y)

@@ -222,24 +222,41 @@ def test_cg_iterations_follow_the_certified_condition():
     assert si._cg_iterations(0.9, 1e-15) > si._cg_iterations(0.5, 1e-15)
 
 
+# The uncertified branch's block computations may be NaN (a failed Cholesky QR): discarded
+# by torch.where, but numpy in the interpreter warns.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_triton_solver_and_predicated_fallback_under_the_interpreter(triton_device):
-    """The real small solver (kernels.tridiagonal_eigh) for the Rayleigh–Ritz problems and
-    its predicated one-program solve as the fallback, both branches."""
+    """The triton backend's route end to end at a small size: the real small solver
+    (kernels.tridiagonal_eigh) for the Rayleigh–Ritz problems, its predicated one-program
+    solve as the fallback, the fused CG steps in the backward; both branches, value and
+    gradient against the float64 full path."""
+    from himo_fast import kernels
     from himo_fast.kernels.eigh import tridiagonal_eigh
-    _, small = _small(160, 60, seed=5)
-    small = small.to(triton_device)
     full = lambda a, run: tridiagonal_eigh(a, reduction="program", run=run)
+    cg = si.CGSteps(kernels.cg_update, kernels.cg_direction)
+    subspace = lambda s, t, g: si.top_subspace(s, t, g, tridiagonal_eigh, full, block=24,
+                                               guard=4, cg=cg)
+    ops = TORCH_OPS._replace(subspace=subspace)
+    u = pairs(160, 60, torch.float64, seed=5)[1]
+    upstream = torch.randn(160, 60, dtype=torch.float64)
     for tau in (0.5, 0.999):
-        sub = si.top_subspace(small, tau, False, tridiagonal_eigh, full, block=24, guard=4)
-        exact = pca.full_subspace(small.cpu(), tau, False)
+        x = (u.detach() - u.detach().mean(0)).to(triton_device)
+        sub = subspace(pca.gram_or_cov(x, False), tau, False)
         assert bool(sub.partial.ok) == (tau == 0.5), tau
-        assert int(sub.m) == int(exact.m)
-        assert rel(_projector(sub).cpu(), _projector(exact)) <= 1e-11
+        ours_u = u.detach().to(triton_device).requires_grad_()
+        ours = materialize(hide_factors(ours_u, tau, ops=ops))
+        (ours * upstream.to(triton_device)).sum().backward()
+        want_u = u.detach().clone().requires_grad_()
+        want = materialize(hide_factors(want_u, tau))
+        (want * upstream).sum().backward()
+        assert rel(ours.cpu(), want) <= 1e-11, tau
+        assert rel(ours_u.grad.cpu(), want_u.grad) <= 1e-9, tau
 
 
 def test_backend_routes_only_the_middle_sizes_to_the_block(monkeypatch):
     """backends._triton_subspace: full solve up to SMALL_MAX and above
-    SUBSPACE_ITERATION_MAX, the block between (the solvers stubbed: dispatch only)."""
+    SUBSPACE_ITERATION_MAX, the block between, and the full solve above TAU_MAX (the
+    solvers stubbed: dispatch only)."""
     from himo_fast.kernels.eigh import SMALL_MAX
     seen = []
     monkeypatch.setattr(backends, "_top_subspace", lambda s, t, g: seen.append(("block", s.shape[0])))
@@ -248,10 +265,11 @@ def test_backend_routes_only_the_middle_sizes_to_the_block(monkeypatch):
                         lambda s, t, g, eigh: seen.append(("full", s.shape[0])))
     for k in (SMALL_MAX, SMALL_MAX + 1, backends.SUBSPACE_ITERATION_MAX,
               backends.SUBSPACE_ITERATION_MAX + 1):
-        backends._triton_subspace(torch.zeros(k, k, dtype=torch.float64), 0.9, False)
+        backends._triton_subspace(torch.zeros(k, k, dtype=torch.float64), si.TAU_MAX, False)
+    backends._triton_subspace(torch.zeros(300, 300, dtype=torch.float64), 0.95, False)
     assert seen == [("full", SMALL_MAX), ("block", SMALL_MAX + 1),
                     ("block", backends.SUBSPACE_ITERATION_MAX),
-                    ("full", backends.SUBSPACE_ITERATION_MAX + 1)]
+                    ("full", backends.SUBSPACE_ITERATION_MAX + 1), ("full", 300)]
 
 
 @pytest.mark.parametrize("rank", [40, 150])
@@ -348,3 +366,52 @@ def test_cuda_block_path_at_768_is_sync_free_certified_and_exact(cuda):
     (want * weight).sum().backward()
     assert rel(out.cpu(), want) <= 1e-4
     assert rel(uc.grad.cpu(), u64.grad) <= 2e-4
+
+
+def test_fused_cg_steps_equal_their_torch_twins(triton_device):
+    """kernels.cg_update / cg_direction (one launch each) against subspace_iteration's
+    torch steps, odd sizes, a zero column (the masked layout: it stays exactly zero)."""
+    from himo_fast import kernels
+    g = torch.Generator().manual_seed(11)
+    k, c = 301, 37
+    blocks = [torch.randn(k, c, dtype=torch.float64, generator=g) for _ in range(5)]
+    for t in blocks:
+        t[:, 5] = 0.0
+    shift = torch.rand(c, dtype=torch.float64, generator=g) + 1.0
+    rs = torch.rand(c, dtype=torch.float64, generator=g) + 0.5
+    rs[5] = 0.0
+    for fused, twin, n_in in ((kernels.cg_update, si.TORCH_CG.update, 2),
+                              (kernels.cg_direction, si.TORCH_CG.direction, 3)):
+        ours = [t.clone().to(triton_device) for t in blocks] + [rs.clone().to(triton_device)]
+        want = [t.clone() for t in blocks] + [rs.clone()]
+        if fused is kernels.cg_update:
+            fused(ours[0], ours[1], shift.to(triton_device), ours[2], ours[3], ours[5])
+            twin(want[0], want[1], shift, want[2], want[3], want[5])
+        else:
+            fused(ours[0], ours[1], ours[2], ours[3], ours[5])
+            twin(want[0], want[1], want[2], want[3], want[5])
+        for a, b in zip(ours, want):
+            assert torch.allclose(a.cpu(), b, rtol=1e-13, atol=1e-13), fused.__name__
+        assert (ours[3][:, 5] == 0).all() and torch.isfinite(ours[3]).all()
+    with pytest.raises(ValueError, match="p must be a contiguous float64 301 x 37 matrix"):
+        kernels.cg_update(*(t.float().to(triton_device) for t in blocks[:2]),
+                          shift.to(triton_device), *(t.to(triton_device) for t in blocks[2:4]),
+                          rs.to(triton_device))
+
+
+def test_deflated_resolvent_with_the_fused_steps(triton_device):
+    """The whole fixed-count solve with kernels.cg_update/cg_direction equals the torch
+    steps' to rounding."""
+    from himo_fast import kernels
+    torch.manual_seed(1)
+    k, r, m = 120, 40, 15
+    vec = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64))[0]
+    lam = torch.cat([torch.linspace(5.0, 2.0, r), torch.linspace(0.9, 0.0, k - r)]).double()
+    a = (vec * lam) @ vec.T
+    rhs = torch.randn(k, m, dtype=torch.float64)
+    floor = torch.tensor(1e-12, dtype=torch.float64)
+    args = (a, vec[:, :m], lam[:m], vec[:, m:r], lam[m:r], rhs, floor)
+    want = si.deflated_resolvent(*args)
+    fused = si.CGSteps(kernels.cg_update, kernels.cg_direction)
+    ours = si.deflated_resolvent(*(t.to(triton_device) for t in args), cg=fused)
+    assert rel(ours.cpu(), want) <= 1e-12
