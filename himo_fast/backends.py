@@ -163,7 +163,8 @@ def _top_subspace(small, tau, gram):
     from . import kernels
     return subspace_iteration.top_subspace(
         small, tau, gram, kernels.tridiagonal_eigh, _predicated_full_eigh,
-        cg=subspace_iteration.CGSteps(kernels.cg_update, kernels.cg_direction))
+        steps=subspace_iteration.Steps(kernels.filter_start, kernels.filter_step,
+                                       kernels.cg_update, kernels.cg_direction))
 
 
 @functools.lru_cache(maxsize=None)

@@ -75,7 +75,7 @@ class _HiDeFactors(torch.autograd.Function):
                               parts.lam_rest, across, z, b,
                               *((partial.small, partial.ok) if partial is not None else ()))
         ctx.gram = sub.gram
-        ctx.partial = (partial.block, partial.cg) if partial is not None else None
+        ctx.partial = (partial.block, partial.steps) if partial is not None else None
         return z, b, mean
 
     @staticmethod

@@ -88,7 +88,7 @@ class PartialBasis(NamedTuple):
     ok: torch.Tensor  # () bool: certified: basis columns [0, block) are the Ritz vectors,
     #                    the others zero; otherwise the basis is the full decomposition
     block: int
-    cg: "CGSteps" = None  # the CG steps (TORCH_CG where None)
+    steps: "Steps" = None  # the fused steps (TORCH_STEPS where None)
 
     def resolvent(self, kept: torch.Tensor, rest: torch.Tensor, lam: torch.Tensor,
                   s_kept: torch.Tensor, floor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -103,7 +103,7 @@ class PartialBasis(NamedTuple):
         w = deflated_resolvent(self.small, kept[:, :r], lam[:r], rest[:, :r],
                                lam[:r] * (1.0 - inside), s_kept[:, :r] * inside, floor,
                                CG_ITERS.get(dtype, CG_ITERS[torch.float64]),
-                               self.cg or TORCH_CG)
+                               self.steps or TORCH_STEPS)
         return torch.cat([w, w.new_zeros(k, k - r)], 1)
 
 
@@ -133,29 +133,22 @@ def _orthonormalize(y: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     return y
 
 
-def _chebyshev(s: torch.Tensor, q: torch.Tensor, b: torch.Tensor):
+def _chebyshev(s: torch.Tensor, q: torch.Tensor, b: torch.Tensor, steps: "Steps"):
     """(T_DEGREE(2S/b − 1)·Q, b), column j divided by T_DEGREE at its Rayleigh quotient t_j
     (in the filter's variable): T is <= 1 on [0, b] (the unwanted spectrum, and never 0 at
     0: the block keeps its rank) and grows fast above it; the division keeps the columns
     O(1), so that the wanted directions with small eigenvalues are not washed out.
     b rises to the block's smallest Rayleigh quotient, which tends to λ_r+1 from below:
     measured on the CPU (N=1024, d=768, τ=0.9), the kept residual reaches 2e-14·λ_1 in 5
-    filters, against 8 with b fixed at the first Rayleigh–Ritz's θ_r (≈ 0.2·λ_r+1)."""
-    sq = s @ q
-    rq = torch.linalg.vecdot(q, sq, dim=0)
-    b = torch.maximum(b, rq.min())
-    two_over_b = 2.0 / b
-    t = (rq * two_over_b - 1.0).clamp(min=1.0)
-    x2 = s * (2.0 * two_over_b)  # 2x = 4S/b − 2I, formed once for the recurrence
-    x2.diagonal().sub_(2.0)
-    # C_j = T_j(x)Q / T_j(t): C_{j+1} = (2x·C_j − (T_{j-1}/T_j)(t)·C_{j-1}) / (T_{j+1}/T_j)(t)
-    s_prev = 1.0 / t
-    prev, cur = q, (sq * two_over_b - q) * s_prev
-    two_t = 2.0 * t
+    filters, against 8 with b fixed at the first Rayleigh–Ritz's θ_r (≈ 0.2·λ_r+1).
+    A product and a fused step per degree (``steps``); q's buffer is reused."""
+    q = q.contiguous()  # (a triangular solve's result may be column-major)
+    cur, coef, b = q.new_empty(q.shape), q.new_empty(2, q.shape[1]), b.clone()
+    steps.filter_start(q, s @ q, b, cur, coef)
+    prev = q
     for _ in range(DEGREE - 1):
-        s_next = 1.0 / (two_t - s_prev)
-        prev, cur = cur, torch.addcmul(x2 @ cur, s_prev, prev, value=-1.0) * s_next
-        s_prev = s_next
+        steps.filter_step(s @ cur, cur, prev, b, coef)  # prev ← the next block
+        prev, cur = cur, prev
     return cur, b
 
 
@@ -213,12 +206,12 @@ def certificate(s: torch.Tensor, total: torch.Tensor, theta: torch.Tensor, v: to
 
 def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callable,
                  full_eigh: Callable, block: int = BLOCK, guard: int = GUARD,
-                 cg: "CGSteps | None" = None) -> Subspace:
+                 steps: "Steps | None" = None) -> Subspace:
     """pca.full_subspace's Subspace of the PSD ``small`` (float64, k x k) from a block of
     ``block`` Ritz vectors where the certificate holds, else from ``full_eigh(small, run)``
     (run: a one-element int32 tensor, 0 where the certificate holds: the solve is then
     skipped on the device, its outputs unused). ``small_eigh`` solves the block x block
-    Rayleigh–Ritz problems, ``cg`` the backward's CG steps (TORCH_CG by default). Either
+    Rayleigh–Ritz problems, ``steps`` the elementwise ones (TORCH_STEPS by default). Either
     way: the float64 m, the exact subspace (to ACCURACY), and a ``partial`` for the
     backward."""
     k = small.shape[0]
@@ -232,7 +225,7 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     tiny = torch.finfo(s.dtype).tiny
     b = torch.maximum(theta[-1], 1e-6 * theta[0]).clamp(min=tiny)
     for i in range(FILTERS):
-        y, b = _chebyshev(s, q, b)
+        y, b = _chebyshev(s, q, b, steps or TORCH_STEPS)
         q = _orthonormalize(y, shifted=i == FILTERS - 1)
     theta, v, sv = _rayleigh_ritz(s, q, small_eigh)
     ok = certify(s, total, theta, v, sv, tau, guard)
@@ -243,15 +236,32 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     basis = torch.where(ok, torch.cat([v, v.new_zeros(k, pad)], 1), vec_full.flip(1))
     m, inside = cutoff_from_eigvals(eigvals, tau, torch.where(ok, total, eigvals.sum()))
     keep = inside & (eigvals > numerical_zero(eigvals))
-    return Subspace(basis, eigvals, keep, m, gram, PartialBasis(s, ok, block, cg))
+    return Subspace(basis, eigvals, keep, m, gram, PartialBasis(s, ok, block, steps))
 
 
-class CGSteps(NamedTuple):
-    """The two elementwise halves of a deflated CG iteration, in place (kernels/resolvent.py
-    fuses each into one launch; these are their torch twins)."""
+class Steps(NamedTuple):
+    """The elementwise steps between the products, in place: kernels/subspace.py fuses each
+    into one launch (the triton backend's); TORCH_STEPS are their torch twins."""
 
-    update: Callable  # (p, ap, shift, y, res, rs): α = rs/pᵀ(ap + shift·p), y += αp, res −= α(ap + shift·p)
-    direction: Callable  # (res, z_res, corr, p, rs): res −= z_res, p = res − corr + (res'ᵀres'/rs)p, rs = res'ᵀres'
+    filter_start: Callable  # (q, sq, b, cur, coef)
+    filter_step: Callable  # (s_cur, cur, prev, b, coef): prev ← the next Chebyshev block
+    cg_update: Callable  # (p, ap, shift, y, res, rs)
+    cg_direction: Callable  # (res, z_res, corr, p, rs)
+
+
+def _filter_start(q, sq, b, cur, coef):
+    rq = torch.linalg.vecdot(q, sq, dim=0)
+    b.copy_(torch.maximum(b, rq.min()))
+    t = (rq * (2.0 / b) - 1.0).clamp(min=1.0)
+    torch.mul(sq * (2.0 / b) - q, 1.0 / t, out=cur)
+    coef[0], coef[1] = 1.0 / t, 2.0 * t
+
+
+def _filter_step(s_cur, cur, prev, b, coef):
+    s_next = 1.0 / (coef[1] - coef[0])
+    nxt = (s_cur * (4.0 / b) - 2.0 * cur - coef[0] * prev) * s_next
+    prev.copy_(nxt)
+    coef[0] = s_next
 
 
 def _cg_update(p, ap, shift, y, res, rs):
@@ -268,13 +278,13 @@ def _cg_direction(res, z_res, corr, p, rs):
     rs.copy_(rs_new)
 
 
-TORCH_CG = CGSteps(_cg_update, _cg_direction)
+TORCH_STEPS = Steps(_filter_start, _filter_step, _cg_update, _cg_direction)
 
 
 def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor,
                        defl: torch.Tensor, defl_values: torch.Tensor, rhs: torch.Tensor,
                        floor: torch.Tensor, iters: int = CG_ITERS[torch.float64],
-                       cg: CGSteps = TORCH_CG) -> torch.Tensor:
+                       steps: Steps = TORCH_STEPS) -> torch.Tensor:
     """y_i = (shift_i I − A)⁻¹ P rhs_i on the complement of ``kept`` (P = I − KKᵀ).
 
     The kept columns are the top eigenvectors and shift_i their eigenvalues, so the
@@ -283,8 +293,8 @@ def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor
     21, 2000) remove that: the Ritz vectors ``defl`` (Zᵀ A Z = diag(defl_values)) are
     solved exactly, the rest iteratively, with the condition the certificate bounds.
     Exact whatever the accuracy of Z (only the convergence depends on it). All columns
-    at once, ``iters`` fixed, no host read; an iteration is 3 products and the two ``cg``
-    steps. Zero columns of ``kept``, ``defl`` or ``rhs`` (the masked layout) change
+    at once, ``iters`` fixed, no host read; an iteration is 3 products and the two CG
+    ``steps``. Zero columns of ``kept``, ``defl`` or ``rhs`` (the masked layout) change
     nothing; a zero right-hand side stays exactly zero.
     """
     def perp(v):
@@ -313,9 +323,9 @@ def deflated_resolvent(a: torch.Tensor, kept: torch.Tensor, shifts: torch.Tensor
     p = res - corr
     rs = torch.linalg.vecdot(res, res, dim=0)
     for _ in range(iters):
-        cg.update(p, neg_a_perp @ p, shifts, y, res, rs)
+        steps.cg_update(p, neg_a_perp @ p, shifts, y, res, rs)
         # Deflated residuals are orthogonal to Z; rounding breaks that, and past
         # convergence the broken part (where M is nearly singular) would grow: restore it.
         z_res, corr = deflation(res)
-        cg.direction(res, z_res, corr, p, rs)
+        steps.cg_direction(res, z_res, corr, p, rs)
     return perp(y)

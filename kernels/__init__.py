@@ -8,8 +8,8 @@ himo_fast.backends and himo_fast.ops compose them.
   all its launches), and parallel Jacobi;
 - ``reconstruct``: the factor products of the reconstruction and of the component
   similarity (u' = Z Bᵀ + ū, [vB, vū]), with their backward;
-- ``resolvent``: the fused halves of a deflated CG iteration (the backward of HiDe's
-  partial basis, himo_fast/subspace_iteration.py);
+- ``subspace``: the fused elementwise steps of HiDe's subspace iteration (its Chebyshev
+  filter, its backward's deflated CG; himo_fast/subspace_iteration.py);
 - ``infonce``: the fused dual InfoNCE (the op himo_fast::fused_dual_ce), forward and
   backward, imported by its op when it first runs.
 
@@ -19,7 +19,7 @@ them).
 from .centre import centre, gram_or_cov
 from .eigh import jacobi_eigh, tridiagonal_eigh
 from .reconstruct import matmul_bias, product
-from .resolvent import cg_direction, cg_update
+from .subspace import cg_direction, cg_update, filter_start, filter_step
 
-__all__ = ["centre", "cg_direction", "cg_update", "gram_or_cov", "jacobi_eigh", "matmul_bias",
-           "product", "tridiagonal_eigh"]
+__all__ = ["centre", "cg_direction", "cg_update", "filter_start", "filter_step", "gram_or_cov",
+           "jacobi_eigh", "matmul_bias", "product", "tridiagonal_eigh"]

@@ -72,9 +72,12 @@ def wrappers():
     # the one-program reduction at 768: subspace iteration's predicated fallback
     kernels.tridiagonal_eigh(torch.eye(768, dtype=torch.float64), reduction="program",
                              run=torch.zeros(1, dtype=torch.int32))
-    # the deflated CG's fused halves (HiDe's partial-basis backward)
+    # subspace iteration's fused steps: the Chebyshev filter's and the deflated CG's
     blocks = [torch.randn(768, 128, dtype=torch.float64) for _ in range(5)]
     rs = torch.rand(128, dtype=torch.float64)
+    b, coef = torch.ones(1, dtype=torch.float64), torch.ones(2, 128, dtype=torch.float64)
+    kernels.filter_start(*blocks[:2], b, blocks[2], coef)
+    kernels.filter_step(*blocks[:3], b, coef)
     kernels.cg_update(*blocks[:2], rs.clone(), *blocks[2:4], rs)
     kernels.cg_direction(*blocks[:4], rs)
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular

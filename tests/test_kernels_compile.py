@@ -15,7 +15,7 @@ KERNELS = ("_centre_kernel", "_syrk_kernel", "_matmul_bias_kernel", "_jacobi_rot
            "_tridiagonalize_resident_kernel", "_bisect_kernel", "_inverse_iteration_kernel",
            "_cluster_orthonormalize_kernel", "_reflect_products_kernel", "_reflect_update_kernel",
            "_apply_reflectors_kernel", "_shifts_and_clusters_kernel", "_cg_update_kernel",
-           "_cg_direction_kernel")
+           "_cg_direction_kernel", "_filter_start_kernel", "_filter_step_kernel")
 
 
 def test_every_kernel_compiles_for_sm90():

@@ -41,6 +41,12 @@ def _partial(small, tau, block, full=None):
     return si.top_subspace(small, tau, False, torch.linalg.eigh, full or _Full(), block=block)
 
 
+def _fused_steps():
+    from himo_fast import kernels
+    return si.Steps(kernels.filter_start, kernels.filter_step, kernels.cg_update,
+                    kernels.cg_direction)
+
+
 def _projector(sub):
     kept = sub.basis * sub.keep.to(sub.basis.dtype)
     return kept @ kept.T
@@ -230,12 +236,10 @@ def test_triton_solver_and_predicated_fallback_under_the_interpreter(triton_devi
     (kernels.tridiagonal_eigh) for the Rayleigh–Ritz problems, its predicated one-program
     solve as the fallback, the fused CG steps in the backward; both branches, value and
     gradient against the float64 full path."""
-    from himo_fast import kernels
     from himo_fast.kernels.eigh import tridiagonal_eigh
     full = lambda a, run: tridiagonal_eigh(a, reduction="program", run=run)
-    cg = si.CGSteps(kernels.cg_update, kernels.cg_direction)
     subspace = lambda s, t, g: si.top_subspace(s, t, g, tridiagonal_eigh, full, block=24,
-                                               guard=4, cg=cg)
+                                               guard=4, steps=_fused_steps())
     ops = TORCH_OPS._replace(subspace=subspace)
     u = pairs(160, 60, torch.float64, seed=5)[1]
     upstream = torch.randn(160, 60, dtype=torch.float64)
@@ -380,8 +384,8 @@ def test_fused_cg_steps_equal_their_torch_twins(triton_device):
     shift = torch.rand(c, dtype=torch.float64, generator=g) + 1.0
     rs = torch.rand(c, dtype=torch.float64, generator=g) + 0.5
     rs[5] = 0.0
-    for fused, twin, n_in in ((kernels.cg_update, si.TORCH_CG.update, 2),
-                              (kernels.cg_direction, si.TORCH_CG.direction, 3)):
+    for fused, twin, n_in in ((kernels.cg_update, si.TORCH_STEPS.cg_update, 2),
+                              (kernels.cg_direction, si.TORCH_STEPS.cg_direction, 3)):
         ours = [t.clone().to(triton_device) for t in blocks] + [rs.clone().to(triton_device)]
         want = [t.clone() for t in blocks] + [rs.clone()]
         if fused is kernels.cg_update:
@@ -399,10 +403,36 @@ def test_fused_cg_steps_equal_their_torch_twins(triton_device):
                           rs.to(triton_device))
 
 
+def test_fused_filter_steps_equal_their_torch_twins(triton_device):
+    """kernels.filter_start (b rising to the smallest Rayleigh quotient, one program over
+    all columns) and filter_step against the torch twins, odd sizes."""
+    from himo_fast import kernels
+    g = torch.Generator().manual_seed(12)
+    k, c = 301, 37
+    q, sq, cur, prev = (torch.randn(k, c, dtype=torch.float64, generator=g) for _ in range(4))
+    sq = sq + 3.0 * q  # Rayleigh quotients around 3, some below b
+    for b0 in (2.5, 0.01):
+        ours = [t.clone().to(triton_device) for t in (q, sq, torch.tensor(b0), cur,
+                                                        torch.zeros(2, c, dtype=torch.float64))]
+        want = [t.clone() for t in (q, sq, torch.tensor(b0, dtype=torch.float64), cur,
+                                    torch.zeros(2, c, dtype=torch.float64))]
+        ours[2] = ours[2].double()
+        kernels.filter_start(*ours)
+        si.TORCH_STEPS.filter_start(*want)
+        for a, w in zip(ours, want):
+            assert torch.allclose(a.cpu(), w, rtol=1e-13, atol=1e-14), b0
+        o_prev, w_prev = prev.clone().to(triton_device), prev.clone()
+        kernels.filter_step(sq.to(triton_device), ours[3], o_prev, ours[2], ours[4])
+        si.TORCH_STEPS.filter_step(sq, want[3], w_prev, want[2], want[4])
+        assert torch.allclose(o_prev.cpu(), w_prev, rtol=1e-13, atol=1e-13)
+        assert torch.allclose(ours[4].cpu(), want[4], rtol=1e-13, atol=1e-14)
+    # b rose from 0.01 to the smallest Rayleigh quotient
+    assert abs(float(ours[2]) - float(want[2])) <= 1e-12 * float(want[2]) and float(want[2]) > 1
+
+
 def test_deflated_resolvent_with_the_fused_steps(triton_device):
     """The whole fixed-count solve with kernels.cg_update/cg_direction equals the torch
     steps' to rounding."""
-    from himo_fast import kernels
     torch.manual_seed(1)
     k, r, m = 120, 40, 15
     vec = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64))[0]
@@ -412,6 +442,5 @@ def test_deflated_resolvent_with_the_fused_steps(triton_device):
     floor = torch.tensor(1e-12, dtype=torch.float64)
     args = (a, vec[:, :m], lam[:m], vec[:, m:r], lam[m:r], rhs, floor)
     want = si.deflated_resolvent(*args)
-    fused = si.CGSteps(kernels.cg_update, kernels.cg_direction)
-    ours = si.deflated_resolvent(*(t.to(triton_device) for t in args), cg=fused)
+    ours = si.deflated_resolvent(*(t.to(triton_device) for t in args), steps=_fused_steps())
     assert rel(ours.cpu(), want) <= 1e-12
