@@ -663,7 +663,8 @@ def tridiagonal_eigh(a: torch.Tensor, rounds: int = ROUNDS, reduction: str | Non
     a step); any of them at any size for tests.
 
     ``run``: a one-element int32 tensor on a's device, read by the kernels themselves. 0
-    makes every launch return at once (the outputs are then unspecified, NaN included):
+    makes every kernel see size 0: no work that grows with n, nothing read or written
+    past the flag (the outputs are then unspecified, NaN included):
     a branch decided on the device, a solve that costs its launches only where it is not
     needed (subspace_iteration's fallback). Default: run."""
     _check_symmetric_input(a)
