@@ -29,6 +29,13 @@ ROWS = 128  # rows per tile
 TINY = tl.constexpr(2.2250738585072014e-308)
 
 
+@triton.jit
+def _tile(r0, cols, col_in, k, c, ROWS: tl.constexpr):
+    """Offsets and mask of the ROWS x COLS tile at row r0 of a row-major k x c block."""
+    rows = r0 + tl.arange(0, ROWS)
+    return rows[:, None] * c + cols[None, :], (rows < k)[:, None] & col_in[None, :]
+
+
 @triton.jit(do_not_specialize=["k", "c"])
 def _cg_update_kernel(p_ptr, ap_ptr, shift_ptr, y_ptr, res_ptr, rs_ptr, k, c,
                       COLS: tl.constexpr, ROWS: tl.constexpr):
@@ -37,17 +44,13 @@ def _cg_update_kernel(p_ptr, ap_ptr, shift_ptr, y_ptr, res_ptr, rs_ptr, k, c,
     shift = tl.load(shift_ptr + cols, mask=col_in, other=0.0)
     pm = tl.zeros([COLS], dtype=tl.float64)
     for r0 in range(0, k, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        at = rows[:, None] * c + cols[None, :]
-        inside = (rows < k)[:, None] & col_in[None, :]
+        at, inside = _tile(r0, cols, col_in, k, c, ROWS)
         p = tl.load(p_ptr + at, mask=inside, other=0.0)
         ap = tl.load(ap_ptr + at, mask=inside, other=0.0)
         pm += tl.sum(p * (ap + shift[None, :] * p), 0)
     alpha = tl.load(rs_ptr + cols, mask=col_in, other=0.0) / tl.maximum(pm, TINY)
     for r0 in range(0, k, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        at = rows[:, None] * c + cols[None, :]
-        inside = (rows < k)[:, None] & col_in[None, :]
+        at, inside = _tile(r0, cols, col_in, k, c, ROWS)
         p = tl.load(p_ptr + at, mask=inside, other=0.0)
         ap = tl.load(ap_ptr + at, mask=inside, other=0.0)
         y = tl.load(y_ptr + at, mask=inside, other=0.0)
@@ -63,9 +66,7 @@ def _cg_direction_kernel(res_ptr, zres_ptr, corr_ptr, p_ptr, rs_ptr, k, c,
     col_in = cols < c
     rs_new = tl.zeros([COLS], dtype=tl.float64)
     for r0 in range(0, k, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        at = rows[:, None] * c + cols[None, :]
-        inside = (rows < k)[:, None] & col_in[None, :]
+        at, inside = _tile(r0, cols, col_in, k, c, ROWS)
         res = tl.load(res_ptr + at, mask=inside, other=0.0) \
             - tl.load(zres_ptr + at, mask=inside, other=0.0)
         tl.store(res_ptr + at, res, mask=inside)
@@ -74,9 +75,7 @@ def _cg_direction_kernel(res_ptr, zres_ptr, corr_ptr, p_ptr, rs_ptr, k, c,
     beta = rs_new / tl.maximum(rs, TINY)
     tl.debug_barrier()  # this program's res stores before its loads below
     for r0 in range(0, k, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        at = rows[:, None] * c + cols[None, :]
-        inside = (rows < k)[:, None] & col_in[None, :]
+        at, inside = _tile(r0, cols, col_in, k, c, ROWS)
         res = tl.load(res_ptr + at, mask=inside, other=0.0)
         corr = tl.load(corr_ptr + at, mask=inside, other=0.0)
         p = tl.load(p_ptr + at, mask=inside, other=0.0)
@@ -94,9 +93,7 @@ def _filter_start_kernel(q_ptr, sq_ptr, b_ptr, cur_ptr, coef_ptr, k, c,
         col_in = cols < c
         rq = tl.zeros([COLS], dtype=tl.float64)
         for r0 in range(0, k, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            at = rows[:, None] * c + cols[None, :]
-            inside = (rows < k)[:, None] & col_in[None, :]
+            at, inside = _tile(r0, cols, col_in, k, c, ROWS)
             rq += tl.sum(tl.load(q_ptr + at, mask=inside, other=0.0)
                          * tl.load(sq_ptr + at, mask=inside, other=0.0), 0)
         tl.store(coef_ptr + cols, rq, mask=col_in)
@@ -109,9 +106,7 @@ def _filter_start_kernel(q_ptr, sq_ptr, b_ptr, cur_ptr, coef_ptr, k, c,
         t = tl.maximum(2.0 * tl.load(coef_ptr + cols, mask=col_in, other=0.0) / b - 1.0, 1.0)
         inv_t = 1.0 / t
         for r0 in range(0, k, ROWS):
-            rows = r0 + tl.arange(0, ROWS)
-            at = rows[:, None] * c + cols[None, :]
-            inside = (rows < k)[:, None] & col_in[None, :]
+            at, inside = _tile(r0, cols, col_in, k, c, ROWS)
             q = tl.load(q_ptr + at, mask=inside, other=0.0)
             sq = tl.load(sq_ptr + at, mask=inside, other=0.0)
             tl.store(cur_ptr + at, (sq * (2.0 / b) - q) * inv_t[None, :], mask=inside)
@@ -130,9 +125,7 @@ def _filter_step_kernel(scur_ptr, cur_ptr, prev_ptr, b_ptr, coef_ptr, k, c,
     s_prev = tl.load(coef_ptr + cols, mask=col_in, other=0.0)
     s_next = 1.0 / (tl.load(coef_ptr + c + cols, mask=col_in, other=3.0) - s_prev)
     for r0 in range(0, k, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        at = rows[:, None] * c + cols[None, :]
-        inside = (rows < k)[:, None] & col_in[None, :]
+        at, inside = _tile(r0, cols, col_in, k, c, ROWS)
         scur = tl.load(scur_ptr + at, mask=inside, other=0.0)
         cur = tl.load(cur_ptr + at, mask=inside, other=0.0)
         prev = tl.load(prev_ptr + at, mask=inside, other=0.0)
