@@ -50,9 +50,10 @@ TRIDIAGONAL_CAPTURE_MAX = 1024
 # The triton backend's PCA above kernels.eigh.SMALL_MAX up to this size, eagerly and while
 # capturing: subspace iteration with every decision on the device (subspace_iteration.py),
 # the full solve (the tridiagonal solver's one-program reduction, its launches predicated
-# on the device) where the certificate fails. Not measured on a GPU yet: predicted ≈ 2-4 ms
-# for HiDe fwd+bwd at N=1024, d=768 eagerly, against syevd's 11.8 ms (benchmarks/README.md).
-# Setting it to SMALL_MAX turns it off: the full solvers of _capturable_eigh then.
+# on the device) where the certificate fails. Not measured on a GPU yet: predicted ≈ 3 ms
+# for HiDe fwd+bwd at N=1024, d=768 eagerly, against syevd's 11.8 ms, and ≈ 25 ms where the
+# certificate fails (benchmarks/README.md). Setting it to 256 (kernels.eigh.SMALL_MAX) turns
+# it off: the full solvers of _capturable_eigh then.
 SUBSPACE_ITERATION_MAX = 1024
 
 

@@ -216,6 +216,8 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     way: the float64 m, the exact subspace (to ACCURACY), and a ``partial`` for the
     backward."""
     k = small.shape[0]
+    if not 0 < block < k:
+        raise ValueError(f"block must be in (0, {k}) for a {k} x {k} matrix, got {block}")
     s = small
     total = s.diagonal().sum()
     q = _start(k, block, s.device)

@@ -216,6 +216,12 @@ def test_float64_gradcheck_through_the_block():
     assert set(full.runs) == {0}
 
 
+def test_block_size_is_checked():
+    with pytest.raises(ValueError, match=r"block must be in \(0, 40\) for a 40 x 40 matrix, got 40"):
+        si.top_subspace(torch.eye(40, dtype=torch.float64), 0.9, False, torch.linalg.eigh,
+                        _Full(), block=40)
+
+
 def test_a_block_basis_needs_the_masked_layout():
     u = pairs(150, 80, torch.float64, seed=3)[1]
     with pytest.raises(ValueError, match="masked layout"):
