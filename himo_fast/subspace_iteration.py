@@ -63,6 +63,10 @@ RATIO = 0.65
 # τ above which backends does not try the block: there m outgrows it (τ = 0.93: m ≈ 110-130
 # of 768, λ_129/λ_m ≈ 0.8) and the certificate fails; the full solvers then run directly.
 TAU_MAX = 0.9
+# Columns whose Rayleigh quotient is below this x the largest lie in S's null space (a batch
+# of rank below the block): they do not set the filter's b, which would otherwise sink to
+# its floor and amplify their rounding past what one Cholesky QR can orthonormalise.
+NULL_QUOTIENT = 1e-8
 ACCURACY = 1e-9  # the kept subspace's certified angle to the exact one
 SLACK = 64.0
 ORTHONORMAL = 1e-12  # max |VᵀV − I| for the Ritz values to be bounds
@@ -139,13 +143,14 @@ def _chebyshev(s: torch.Tensor, q: torch.Tensor, b: torch.Tensor, steps: "Steps"
     (in the filter's variable): T is <= 1 on [0, b] (the unwanted spectrum, and never 0 at
     0: the block keeps its rank) and grows fast above it; the division keeps the columns
     O(1), so that the wanted directions with small eigenvalues are not washed out.
-    b rises to the block's smallest Rayleigh quotient, which tends to λ_r+1 from below:
+    b rises to the block's smallest Rayleigh quotient (outside S's null space: above
+    NULL_QUOTIENT x the largest), which tends to λ_r+1 from below:
     measured on the CPU (N=1024, d=768, τ=0.9), the kept residual reaches 2e-14·λ_1 in 5
     filters, against 8 with b fixed at the first Rayleigh–Ritz's θ_r (≈ 0.2·λ_r+1).
     A product and a fused step per degree (``steps``); q's buffer is reused."""
     q = q.contiguous()  # (a triangular solve's result may be column-major)
     cur, coef, b = q.new_empty(q.shape), q.new_empty(2, q.shape[1]), b.clone()
-    steps.filter_start(q, s @ q, b, cur, coef)
+    steps.filter_start(q, s @ q, b, cur, coef, NULL_QUOTIENT)
     prev = q
     for _ in range(DEGREE - 1):
         steps.filter_step(s @ cur, cur, prev, b, coef)  # prev ← the next block
@@ -246,15 +251,16 @@ class Steps(NamedTuple):
     """The elementwise steps between the products, in place: kernels/subspace.py fuses each
     into one launch (the triton backend's); TORCH_STEPS are their torch twins."""
 
-    filter_start: Callable  # (q, sq, b, cur, coef)
+    filter_start: Callable  # (q, sq, b, cur, coef, null)
     filter_step: Callable  # (s_cur, cur, prev, b, coef): prev ← the next Chebyshev block
     cg_update: Callable  # (p, ap, shift, y, res, rs)
     cg_direction: Callable  # (res, z_res, corr, p, rs)
 
 
-def _filter_start(q, sq, b, cur, coef):
+def _filter_start(q, sq, b, cur, coef, null):
     rq = torch.linalg.vecdot(q, sq, dim=0)
-    b.copy_(torch.maximum(b, rq.min()))
+    low = torch.where(rq > null * rq.max(), rq, float("inf")).min()
+    b.copy_(torch.maximum(b, torch.where(low < float("inf"), low, 0.0)))
     t = (rq * (2.0 / b) - 1.0).clamp(min=1.0)
     torch.mul(sq * (2.0 / b) - q, 1.0 / t, out=cur)
     coef[0], coef[1] = 1.0 / t, 2.0 * t

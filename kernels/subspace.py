@@ -4,7 +4,8 @@ fused: between its products (which stay on cuBLAS), each step is one launch inst
 
 Chebyshev filter (C_j = T_j(x)Q / T_j(t), x = 2S/b − 1, t the columns' Rayleigh quotients):
 
-    filter_start(q, sq, b, cur, coef):  rq = qᵀsq per column, b = max(b, min rq),
+    filter_start(q, sq, b, cur, coef, null):  rq = qᵀsq per column, b = max(b, min rq)
+                                        over the columns with rq > null·max rq,
                                         t = max(2rq/b − 1, 1), cur = (2sq/b − q)/t,
                                         coef = [T_0/T_1, 2t](t)         (one program)
     filter_step(s_cur, cur, prev, b, coef):  prev ← (4 s_cur/b − 2cur − coef₀·prev)·s',
@@ -84,10 +85,10 @@ def _cg_direction_kernel(res_ptr, zres_ptr, corr_ptr, p_ptr, rs_ptr, k, c,
 
 
 @triton.jit(do_not_specialize=["k", "c"])
-def _filter_start_kernel(q_ptr, sq_ptr, b_ptr, cur_ptr, coef_ptr, k, c,
+def _filter_start_kernel(q_ptr, sq_ptr, b_ptr, cur_ptr, coef_ptr, k, c, NULL: tl.constexpr,
                          COLS: tl.constexpr, ROWS: tl.constexpr):
     """One program: b needs every column's Rayleigh quotient first."""
-    low = tl.full((), float("inf"), tl.float64)
+    high = tl.full((), -float("inf"), tl.float64)
     for c0 in range(0, c, COLS):
         cols = c0 + tl.arange(0, COLS)
         col_in = cols < c
@@ -97,8 +98,14 @@ def _filter_start_kernel(q_ptr, sq_ptr, b_ptr, cur_ptr, coef_ptr, k, c,
             rq += tl.sum(tl.load(q_ptr + at, mask=inside, other=0.0)
                          * tl.load(sq_ptr + at, mask=inside, other=0.0), 0)
         tl.store(coef_ptr + cols, rq, mask=col_in)
-        low = tl.minimum(low, tl.min(tl.where(col_in, rq, float("inf")), 0))
-    b = tl.maximum(tl.load(b_ptr), low)
+        high = tl.maximum(high, tl.max(tl.where(col_in, rq, -float("inf")), 0))
+    tl.debug_barrier()
+    low = tl.full((), float("inf"), tl.float64)
+    for c0 in range(0, c, COLS):  # the smallest quotient of the columns outside the null space
+        cols = c0 + tl.arange(0, COLS)
+        rq = tl.load(coef_ptr + cols, mask=cols < c, other=float("inf"))
+        low = tl.minimum(low, tl.min(tl.where(rq > NULL * high, rq, float("inf")), 0))
+    b = tl.maximum(tl.load(b_ptr), tl.where(low < float("inf"), low, 0.0))
     tl.debug_barrier()
     for c0 in range(0, c, COLS):
         cols = c0 + tl.arange(0, COLS)
@@ -158,12 +165,13 @@ def cg_direction(res, z_res, corr, p, rs):
                                                   COLS=COLS, ROWS=ROWS, num_warps=4)
 
 
-def filter_start(q, sq, b, cur, coef):
+def filter_start(q, sq, b, cur, coef, null):
     """In place: b (one element), cur (k x c), coef (2 x c); see the module docstring."""
     k, c = q.shape
     for name, t in (("q", q), ("sq", sq), ("cur", cur)):
         _check(name, t, k, c)
-    _filter_start_kernel[(1,)](q, sq, b, cur, coef, k, c, COLS=COLS, ROWS=ROWS, num_warps=4)
+    _filter_start_kernel[(1,)](q, sq, b, cur, coef, k, c, NULL=null, COLS=COLS, ROWS=ROWS,
+                               num_warps=4)
 
 
 def filter_step(s_cur, cur, prev, b, coef):

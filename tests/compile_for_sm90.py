@@ -76,7 +76,7 @@ def wrappers():
     blocks = [torch.randn(768, 128, dtype=torch.float64) for _ in range(5)]
     rs = torch.rand(128, dtype=torch.float64)
     b, coef = torch.ones(1, dtype=torch.float64), torch.ones(2, 128, dtype=torch.float64)
-    kernels.filter_start(*blocks[:2], b, blocks[2], coef)
+    kernels.filter_start(*blocks[:2], b, blocks[2], coef, 1e-8)
     kernels.filter_step(*blocks[:3], b, coef)
     kernels.cg_update(*blocks[:2], rs.clone(), *blocks[2:4], rs)
     kernels.cg_direction(*blocks[:4], rs)
