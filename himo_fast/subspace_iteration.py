@@ -93,7 +93,7 @@ class PartialBasis(NamedTuple):
     ok: torch.Tensor  # () bool: certified: basis columns [0, block) are the Ritz vectors,
     #                    the others zero; otherwise the basis is the full decomposition
     block: int
-    steps: "Steps" = None  # the fused steps (TORCH_STEPS where None)
+    steps: "Steps"  # the elementwise steps (the backward's CG)
 
     def resolvent(self, kept: torch.Tensor, rest: torch.Tensor, lam: torch.Tensor,
                   s_kept: torch.Tensor, floor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,8 +107,7 @@ class PartialBasis(NamedTuple):
         inside = (kept[:, :r] != 0).any(0).to(kept.dtype)  # the kept columns of the block
         w = deflated_resolvent(self.small, kept[:, :r], lam[:r], rest[:, :r],
                                lam[:r] * (1.0 - inside), s_kept[:, :r] * inside, floor,
-                               CG_ITERS.get(dtype, CG_ITERS[torch.float64]),
-                               self.steps or TORCH_STEPS)
+                               CG_ITERS.get(dtype, CG_ITERS[torch.float64]), self.steps)
         return torch.cat([w, w.new_zeros(k, k - r)], 1)
 
 
@@ -223,6 +222,7 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     k = small.shape[0]
     if not 0 < block < k:
         raise ValueError(f"block must be in (0, {k}) for a {k} x {k} matrix, got {block}")
+    steps = steps or TORCH_STEPS
     s = small
     total = s.diagonal().sum()
     q = _start(k, block, s.device)
@@ -233,7 +233,7 @@ def top_subspace(small: torch.Tensor, tau: float, gram: bool, small_eigh: Callab
     tiny = torch.finfo(s.dtype).tiny
     b = torch.maximum(theta[-1], 1e-6 * theta[0]).clamp(min=tiny)
     for i in range(FILTERS):
-        y, b = _chebyshev(s, q, b, steps or TORCH_STEPS)
+        y, b = _chebyshev(s, q, b, steps)
         q = _orthonormalize(y, shifted=i == FILTERS - 1)
     theta, v, sv = _rayleigh_ritz(s, q, small_eigh)
     ok = certify(s, total, theta, v, sv, tau, guard)

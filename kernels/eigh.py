@@ -459,8 +459,8 @@ def _shifts_and_clusters_kernel(run_ptr, d_ptr, e_ptr, w_ptr, shift_ptr, start_p
 
 
 @triton.jit(do_not_specialize=["n"])
-def _inverse_iteration_kernel(run_ptr, d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n, FIRST: tl.constexpr,
-                              BLOCK: tl.constexpr):
+def _inverse_iteration_kernel(run_ptr, d_ptr, e_ptr, shift_ptr, y_ptr, u_ptr, n,
+                              FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """One round of inverse iteration for the BLOCK lanes j of this program: y_j ←
     (T − x_j I)⁻¹ y_j, normalised. y is n x n with lane j in column j (FIRST: y_j starts
     pseudo-random); u (4 x n x n) holds each lane's U and transformed right-hand side.

@@ -37,8 +37,9 @@ class _Full:
         return torch.linalg.eigh(a)
 
 
-def _partial(small, tau, block, full=None):
-    return si.top_subspace(small, tau, False, torch.linalg.eigh, full or _Full(), block=block)
+def _subspace(small, tau, gram, block, full, guard=si.GUARD):
+    """top_subspace with LAPACK for its small problems and ``full`` as the fallback."""
+    return si.top_subspace(small, tau, gram, torch.linalg.eigh, full, block=block, guard=guard)
 
 
 def _fused_steps():
@@ -57,7 +58,7 @@ def _projector(sub):
 def test_certified_block_is_the_exact_subspace(n, d, block, tau):
     _, small = _small(n, d)
     full = _Full()
-    sub = _partial(small, tau, block, full)
+    sub = _subspace(small, tau, False, block, full)
     exact = pca.full_subspace(small, tau, False)
     assert bool(sub.partial.ok) and full.runs == [0]  # the full solve was skipped
     assert int(sub.m) == int(exact.m)
@@ -95,7 +96,7 @@ def test_uncertified_cases_run_the_full_solve_and_equal_it(case):
         u = base.expand(500, 200) + 1e-9 * torch.randn(500, 200, dtype=torch.float64)
         small = pca.gram_or_cov(u - u.mean(0), False)
     full = _Full()
-    sub = _partial(small, tau, block, full)
+    sub = _subspace(small, tau, False, block, full)
     assert not bool(sub.partial.ok) and full.runs == [1]
     exact = pca.full_subspace(small, tau, False)
     for ours, want in zip(sub[:4], exact[:4]):
@@ -173,10 +174,6 @@ def _partial_ops(block, full=None):
     return TORCH_OPS._replace(subspace=subspace)
 
 
-def _subspace(small, tau, gram, block, full):
-    return si.top_subspace(small, tau, gram, torch.linalg.eigh, full, block=block)
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("n,d,block", CERTIFIED)
 def test_hide_through_the_block_equals_the_exact_hide(n, d, block, dtype, tol):
@@ -188,7 +185,8 @@ def test_hide_through_the_block_equals_the_exact_hide(n, d, block, dtype, tol):
     full = _Full()
     ours = materialize(hide_factors(u, 0.9, ops=_partial_ops(block, full)))
     assert full.runs == [0]
-    assert rel(ours, hide_reference(u64.detach(), 0.9)) <= (1e-4 if dtype == torch.float32 else 1e-12)
+    value_tol = 1e-4 if dtype == torch.float32 else 1e-12
+    assert rel(ours, hide_reference(u64.detach(), 0.9)) <= value_tol
     (ours * upstream.to(dtype)).sum().backward()
     (materialize(hide_factors(u64, 0.9)) * upstream).sum().backward()
     assert torch.isfinite(u.grad).all()
@@ -217,9 +215,9 @@ def test_float64_gradcheck_through_the_block():
 
 
 def test_block_size_is_checked():
-    with pytest.raises(ValueError, match=r"block must be in \(0, 40\) for a 40 x 40 matrix, got 40"):
-        si.top_subspace(torch.eye(40, dtype=torch.float64), 0.9, False, torch.linalg.eigh,
-                        _Full(), block=40)
+    with pytest.raises(ValueError,
+                       match=r"block must be in \(0, 40\) for a 40 x 40 matrix, got 40"):
+        _subspace(torch.eye(40, dtype=torch.float64), 0.9, False, 40, _Full())
 
 
 def test_a_block_basis_needs_the_masked_layout():
@@ -269,7 +267,8 @@ def test_backend_routes_only_the_middle_sizes_to_the_block(monkeypatch):
     solvers stubbed: dispatch only)."""
     from himo_fast.kernels.eigh import SMALL_MAX
     seen = []
-    monkeypatch.setattr(backends, "_top_subspace", lambda s, t, g: seen.append(("block", s.shape[0])))
+    monkeypatch.setattr(backends, "_top_subspace",
+                        lambda s, t, g: seen.append(("block", s.shape[0])))
     monkeypatch.setattr(backends, "_prepare_top_subspace", lambda device, k: None)
     monkeypatch.setattr(backends.pca, "full_subspace",
                         lambda s, t, g, eigh: seen.append(("full", s.shape[0])))
@@ -296,7 +295,7 @@ def test_rank_deficient_batch_either_branch_is_exact(rank):
         torch.randn(500, rank, dtype=torch.float64, generator=g) @ directions, dim=-1)
     small = pca.gram_or_cov(u - u.mean(0), False)
     full = _Full()
-    sub = si.top_subspace(small, 0.9, False, torch.linalg.eigh, full, block=64)
+    sub = _subspace(small, 0.9, False, 64, full)
     exact = pca.full_subspace(small, 0.9, False)
     assert full.runs == [0]
     assert int(sub.m) == int(exact.m) and torch.equal(sub.keep, exact.keep)
@@ -312,7 +311,7 @@ def test_exact_m_on_fresh_spectra():
         n = int(torch.randint(150, 400, (), generator=g))
         tau = float(torch.empty(()).uniform_(0.3, 0.95, generator=g))
         _, small = _small(n, 120, seed=seed + trial)
-        sub = si.top_subspace(small, tau, False, torch.linalg.eigh, _Full(), block=48, guard=8)
+        sub = _subspace(small, tau, False, 48, _Full(), guard=8)
         exact = pca.full_subspace(small, tau, False)
         where = f"seed {seed}, trial {trial}, n {n}, tau {tau:.3f}, ok {bool(sub.partial.ok)}"
         assert int(sub.m) == int(exact.m), where
@@ -334,7 +333,7 @@ def test_float32_within_authors_error_through_the_block(monkeypatch, case):
     if "cpu" not in backends.available_backends("cpu"):
         pytest.skip("the compiled CPU backend is not built here")
     full = _Full()
-    ops = TORCH_OPS._replace(subspace=functools.partial(_subspace, block=si.BLOCK, full=full))
+    ops = _partial_ops(si.BLOCK, full)
     cpu = backends._impl("cpu", "cpu")
     impl = backends.Impl("cpu", lambda u, tau: hide_factors(u, tau, ops=ops), cpu.dual_infonce)
     monkeypatch.setitem(backends._BUILT, ("cpu", "cpu"), impl)
