@@ -147,20 +147,31 @@ def _tridiagonal_max():
     return TRIDIAGONAL_MAX
 
 
+def kernel_times(fn, top=None):
+    """[(name, launches, µs each)] of one call of ``fn()``, largest total first: device time
+    per kernel on CUDA (the profiler's CUDA activity only, so nothing counts twice), self
+    time per op on the CPU. ``fn`` runs once before, so that first-call work is left out."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        fn()
+        sync()
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    rows = sorted(((e.key[:48], e.count, round(time_of(e) / max(e.count, 1), 1))
+                   for e in prof.key_averages() if time_of(e) > 0), key=lambda r: -r[1] * r[2])
+    return rows[:top]
+
+
 def profile_small(sizes):
     """Device µs per kernel (name, launches, µs each) of one tridiagonal_eigh per size."""
     from himo_fast.kernels.eigh import tridiagonal_eigh
     for k in (k for k in sizes if k <= _tridiagonal_max()):
         x = torch.randn(k + 3, k, dtype=torch.float64)
         a = (x.T @ x).cuda()
-        tridiagonal_eigh(a)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            tridiagonal_eigh(a)
-            torch.cuda.synchronize()
-        rows = sorted(((e.key[:36], e.count, round(e.device_time_total / max(e.count, 1), 1))
-                       for e in prof.key_averages() if e.device_time_total > 0),
-                      key=lambda r: -r[1] * r[2])
+        rows = kernel_times(lambda: tridiagonal_eigh(a))
         total = sum(r[1] * r[2] for r in rows)
         print(f"tridiagonal_eigh k={k}: {total:.0f} us of kernels:", rows, flush=True)
 

@@ -174,6 +174,23 @@ def hide_table(quick: bool, rounds: int):
     return rows
 
 
+def hide_profiles(quick: bool):
+    """Where one HiDe forward+backward's time goes (eigh_probe.kernel_times), per backend
+    and N of hide_table: the kernels by total time, their launch count and sum."""
+    from eigh_probe import kernel_times
+    d, sizes = (64, (32, 96)) if quick else (768, (128, 1024))
+    names = ([b for b in ("cuda", "triton") if b in himo_fast.available_backends(DEVICE)]
+             if CUDA else ["auto"])
+    out = []
+    for n in sizes:
+        for b in names:
+            kernels = kernel_times(hide_step(lambda u: himo_fast.hide(u, 0.9, backend=b), n, d))
+            out.append(dict(n=n, d=d, backend=b, launches=sum(k[1] for k in kernels),
+                            total_us=round(sum(k[1] * k[2] for k in kernels), 1),
+                            kernels=kernels[:15]))
+    return out
+
+
 def peak_extra_bytes(step, inputs_and_grads: int) -> int:
     """Allocator peak of one call beyond what was allocated before it and the gradients."""
     step()
@@ -275,6 +292,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="timed runs per measure (median)")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--profile", action="store_true", help="hide: also where each HiDe "
+                   "fwd+bwd's time goes, kernel by kernel (device time on CUDA)")
     a = p.parse_args(argv)
     rounds = a.rounds or (2 if a.quick else 10)
     info = dict(table=a.table, quick=a.quick, device=torch.cuda.get_device_name() if CUDA else "cpu",
@@ -293,9 +312,13 @@ def main(argv=None):
         value = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
         print(f"{r['measure']:<72} {value:>12} {r['goal']:>26}  {met}  {r['note']}")
+    profiles = hide_profiles(a.quick) if a.profile and a.table == "hide" else []
+    for pr in profiles:
+        print(f"HiDe fwd+bwd N={pr['n']} d={pr['d']} {pr['backend']}: {pr['total_us']:.0f} us "
+              f"in {pr['launches']} launches; largest (name, launches, us each): {pr['kernels']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(info=info, rows=rows), f, indent=1)
+            json.dump(dict(info=info, rows=rows, profiles=profiles), f, indent=1)
     return rows
 
 

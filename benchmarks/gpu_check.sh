@@ -101,9 +101,10 @@ stage_bench_losses() {  # himo_fast vs the authors' loss (eager, compiled), Clip
 
 stage_bench() { stage_bench_hide; stage_bench_losses; }
 
-stage_goals_hide() {  # issue 15's table: HiDe N=128/1024, paper-rank, single-1k, graph, syncs
+stage_goals_hide() {  # issue 15's table: HiDe N=128/1024, paper-rank, single-1k, graph, syncs;
+  # then each GPU backend's HiDe kernel by kernel (where the time goes)
   (cd /tmp && timeout ${GOALS_TIMEOUT:-420} python3 "$here/benchmarks/goals.py" hide \
-    --json "$here/${json%.json}-goals-hide.json" 2>&1 | tail -12)
+    --profile --json "$here/${json%.json}-goals-hide.json" 2>&1 | tail -20)
 }
 
 stage_goals_infonce() {  # issue 16's table: 64k vs ClipLoss and Inf-CL, TFLOP/s, 256k memory

@@ -49,15 +49,20 @@ def test_goal_tables_run(tmp_path):
     import json
     script = Path(__file__).parent.parent / "benchmarks" / "goals.py"
     for table, rows_expected in (("hide", 7), ("infonce", 6)):
-        out = subprocess.run([sys.executable, str(script), table, "--quick", "--json",
-                              str(tmp_path / f"{table}.json")],
+        out = subprocess.run([sys.executable, str(script), table, "--quick", "--profile",
+                              "--json", str(tmp_path / f"{table}.json")],
                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        rows = json.loads((tmp_path / f"{table}.json").read_text())["rows"]
+        res = json.loads((tmp_path / f"{table}.json").read_text())
+        rows = res["rows"]
         assert len(rows) == rows_expected, rows
         for r in rows:
             assert (r["value"] is None) == bool(r["note"].startswith("needs")), r
             assert r["value"] is None or r["value"] >= 0, r
+        # --profile: HiDe op by op at each N (kernel by kernel on a GPU); infonce has none
+        assert [p["n"] for p in res["profiles"]] == ([32, 96] if table == "hide" else []), res
+        for p in res["profiles"]:
+            assert p["total_us"] > 0 and p["launches"] >= len(p["kernels"]) > 0, p
 
 
 def test_infonce_tile_sweep_runs(tmp_path):

@@ -7,7 +7,6 @@ import torch
 import himo_fast
 from himo_fast import backends
 from himo_fast import pca
-from himo_fast.factors import hide_factors, materialize
 from himo_fast.reference import component_count, hide_reference
 from conftest import assert_ran, loss_rel, pairs, rel, run_fresh
 
