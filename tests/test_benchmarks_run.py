@@ -80,3 +80,17 @@ def test_infonce_tile_sweep_runs(tmp_path):
     assert all(r["ms"] > 0 and r["rel_diff"] < 1e-6 for r in res["bwd"]), res
     # the strip route gives the recompute route's gradient (bf16 weights: to bf16 rounding)
     assert len(res["strips"]) == 1 and res["strips"][0]["rel_diff"] < 1e-2, res
+
+
+def test_launch_count_runs():
+    # benchmarks/launch_count.py counts the CUDA route's launches on the CPU (interpreter):
+    # at 20 x 12 the Gram route (tridiagonal solver) must show up, with the torch ops.
+    script = Path(__file__).parent.parent / "benchmarks" / "launch_count.py"
+    out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["triton"].get("_tridiagonalize_resident_kernel", 0) >= 1, res
+    assert res["triton_launches"] == sum(res["triton"].values()) > 0, res
+    assert res["torch_ops"] == sum(res["torch"].values()) > 0 and res["torch"]["mm"] >= 1, res
