@@ -147,7 +147,7 @@ def _tridiagonal_max():
     return TRIDIAGONAL_MAX
 
 
-def kernel_times(fn, top=None):
+def kernel_times(fn):
     """[(name, launches, µs each)] of one call of ``fn()``, largest total first: device time
     per kernel on CUDA (the profiler's CUDA activity only, so nothing counts twice), self
     time per op on the CPU. ``fn`` runs once before, so that first-call work is left out."""
@@ -162,7 +162,7 @@ def kernel_times(fn, top=None):
     time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     rows = sorted(((e.key[:48], e.count, round(time_of(e) / max(e.count, 1), 1))
                    for e in prof.key_averages() if time_of(e) > 0), key=lambda r: -r[1] * r[2])
-    return rows[:top]
+    return rows
 
 
 def profile_small(sizes):

@@ -6,9 +6,9 @@ counted on the CPU (Triton's interpreter runs the kernels on CPU tensors):
 Triton kernel launches (each interpreted call counted) and torch ops that launch work (a
 TorchDispatchMode; views and the interpreter's own tensor copies left out). Eagerly each
 costs host time, a few µs through torch's dispatcher and more through Triton's launcher, so
-their count is the eager step's host floor whatever the GPU does. Measured here on
-2026-12-04: N=1024, d=768 (subspace iteration) is launch-bound far above issue 15's
-1.5 ms goal; see benchmarks/README.md ("The eager host floor").
+their count is the eager step's host floor whatever the GPU does. Counted here on
+2026-12-04 at 128 x 768 and 300 x 260 (the subspace-iteration route of 1024 x 768): both
+above issue 15's goals by host time alone; see benchmarks/README.md ("The eager host floor").
 """
 import argparse
 import collections
