@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import _extension, ops, pca, reference, subspace_iteration
+from . import _extension, hide_graph, ops, pca, reference, subspace_iteration
 from .dual_infonce import dual_infonce as compiled_dual_infonce
 from .factors import TORCH_OPS, HiDeOps, hide_factors
 
@@ -55,6 +55,11 @@ TRIDIAGONAL_CAPTURE_MAX = 1024
 # certificate fails (benchmarks/README.md). Setting it to 256 (kernels.eigh.SMALL_MAX) turns
 # it off: the full solvers of _capturable_eigh then.
 SUBSPACE_ITERATION_MAX = 1024
+# The triton backend on CUDA replays HiDe's forward and backward from CUDA graphs, one
+# capture per shape, dtype and τ (hide_graph.py): eagerly HiDe is host-bound (≈ 90
+# dispatches at 128 x 768, ≈ 525 at 1024 x 768). $HIMO_FAST_HIDE_GRAPHS=0 turns it off.
+# Not measured on a GPU yet.
+HIDE_GRAPHS = os.environ.get("HIMO_FAST_HIDE_GRAPHS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -203,10 +208,11 @@ def triton_hide_ops(kind: str, eigh: Callable | None = None,
                    eigh or torch.linalg.eigh, subspace)
 
 
-def triton_impl(kernel_ops: HiDeOps) -> Impl:
-    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host;
-    # the fused dual InfoNCE keeps no logits.
-    return Impl("triton", lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops),
+def triton_impl(kernel_ops: HiDeOps, graphs: hide_graph.GraphCache | None = None) -> Impl:
+    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host
+    # (so its graphs capture); the fused dual InfoNCE keeps no logits.
+    return Impl("triton",
+                lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops, graphs=graphs),
                 _triton_dual_infonce)
 
 
@@ -240,7 +246,8 @@ def _build_triton(kind: str):
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    return triton_impl(triton_hide_ops(kind))
+    graphs = hide_graph.GraphCache() if kind == "cuda" and HIDE_GRAPHS else None
+    return triton_impl(triton_hide_ops(kind), graphs)
 
 
 _REGISTRY = {b.name: b for b in (Backend("reference", _build_reference), Backend("cpu", _build_cpu),

@@ -58,44 +58,68 @@ class Factors(NamedTuple):
     ops: HiDeOps = TORCH_OPS  # what the consumers below compute their products with
 
 
+class Saved(NamedTuple):
+    """What HiDe's backward needs from its forward: tensors, and the route's constants
+    (the same for every call of one shape, dtype and τ, so a CUDA graph may hold them)."""
+
+    tensors: tuple  # (x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial)
+    gram: bool
+    partial: tuple | None  # (block, steps) of a subspace_iteration.PartialBasis
+
+
+def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
+    """HiDe's forward without autograd: ((Z, B, ū), Saved)."""
+    mean, x = ops.centre(u)
+    sub = principal_subspace(x, tau, ops.small_matrix, eigh=ops.eigh, subspace=ops.subspace)
+    if sub.partial is not None and sliced:
+        raise ValueError("himo_fast: a partial (block) basis needs the masked layout "
+                         "(sliced=False)")
+    parts = split(sub, sliced)
+    z, b = factor(x, sub, parts, ops.product)
+    across = parts.across if parts.across is not None else x.new_empty(0)
+    partial = sub.partial
+    tensors = (x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept, parts.lam_rest,
+               across, z, b, *((partial.small, partial.ok) if partial is not None else ()))
+    return (z, b, mean), Saved(tensors, sub.gram,
+                               (partial.block, partial.steps) if partial is not None else None)
+
+
+def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
+    """∂L/∂u from the factors' gradients (None: zero), SPEC section 3's exact gradient."""
+    x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial = saved.tensors
+    sub = Subspace(None, eigvals, None, None, saved.gram,
+                   PartialBasis(*partial, *saved.partial) if partial else None)
+    parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
+    grad_z = torch.zeros_like(z) if grad_z is None else grad_z
+    grad_b = torch.zeros_like(b) if grad_b is None else grad_b
+    grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
+    grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
+    return centring_backward(grad_x, grad_mean)
+
+
+def refuse_double_backward() -> None:
+    """Called in a fused backward: create_graph=True would have autograd differentiate
+    it as a constant (it is exact for consumers of Z Bᵀ, but not itself differentiable)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "himo_fast: HiDe's fused backward (backends 'cpu', 'cuda', 'triton') has no "
+            "double backward (create_graph=True); use backend='reference', whose "
+            "gradients are differentiable to any order")
+
+
 class _HiDeFactors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
-        mean, x = ops.centre(u)
-        sub = principal_subspace(x, tau, ops.small_matrix, eigh=ops.eigh, subspace=ops.subspace)
-        if sub.partial is not None and sliced:
-            raise ValueError("himo_fast: a partial (block) basis needs the masked layout "
-                             "(sliced=False)")
-        parts = split(sub, sliced)
-        z, b = factor(x, sub, parts, ops.product)
-        empty = x.new_empty(0)
-        across = parts.across if parts.across is not None else empty
-        partial = sub.partial
-        ctx.save_for_backward(x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept,
-                              parts.lam_rest, across, z, b,
-                              *((partial.small, partial.ok) if partial is not None else ()))
-        ctx.gram = sub.gram
-        ctx.partial = (partial.block, partial.steps) if partial is not None else None
-        return z, b, mean
+        outputs, saved = hide_forward(u, tau, sliced, ops)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.saved = saved._replace(tensors=())
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_z, grad_b, grad_mean):
-        x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: this fused backward is exact for consumers of Z Bᵀ, but
-            # not itself differentiable; autograd would differentiate it as a constant.
-            raise RuntimeError(
-                "himo_fast: HiDe's fused backward (backends 'cpu', 'cuda', 'triton') has no "
-                "double backward (create_graph=True); use backend='reference', whose "
-                "gradients are differentiable to any order")
-        sub = Subspace(None, eigvals, None, None, ctx.gram,
-                       PartialBasis(*partial, *ctx.partial) if partial else None)
-        parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
-        grad_z = torch.zeros_like(z) if grad_z is None else grad_z
-        grad_b = torch.zeros_like(b) if grad_b is None else grad_b
-        grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
-        grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
-        return centring_backward(grad_x, grad_mean), None, None, None
+        refuse_double_backward()
+        saved = ctx.saved._replace(tensors=ctx.saved_tensors)
+        return hide_backward(saved, grad_z, grad_b, grad_mean), None, None, None
 
 
 def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
@@ -111,10 +135,13 @@ def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,
-                 ops: HiDeOps = TORCH_OPS) -> Factors:
+                 ops: HiDeOps = TORCH_OPS, graphs=None) -> Factors:
     """HiDe as factors, in at least float32. ``sliced``: exact-size factors (reads m, a
-    host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask."""
+    host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask, replayed
+    from ``graphs`` (a hide_graph.GraphCache) where given."""
     u = text_features.to(compute_dtype(text_features.dtype))
+    if graphs is not None and not sliced:
+        return Factors(*graphs.factors(u, tau, ops), ops)
     return Factors(*_HiDeFactors.apply(u, tau, sliced, ops), ops)
 
 
