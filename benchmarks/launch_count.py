@@ -1,7 +1,7 @@
 """How many launches one HiDe forward+backward makes on the triton backend's CUDA route,
 counted on the CPU (Triton's interpreter runs the kernels on CPU tensors):
 
-    python benchmarks/launch_count.py [--n 1024] [--d 768] [--tau 0.9]
+    python benchmarks/launch_count.py [--n 1024] [--d 768] [--tau 0.9] [--graphs]
 
 Triton kernel launches (each interpreted call counted) and torch ops that launch work (a
 TorchDispatchMode; views and the interpreter's own tensor copies left out). Eagerly each
@@ -9,6 +9,10 @@ costs host time, a few µs through torch's dispatcher and more through Triton's 
 their count is the eager step's host floor whatever the GPU does. Counted here on
 2026-12-04 at 128 x 768 and 300 x 260 (the subspace-iteration route of 1024 x 768): both
 above issue 15's goals by host time alone; see benchmarks/README.md ("The eager host floor").
+
+``--graphs``: the same step with HiDe replayed from its graphs (himo_fast/graphs.py, the
+triton backend's default on CUDA): what is left on the host per call, a replay counted as
+one launch (a stand-in that does not re-run the kernels).
 """
 import argparse
 import collections
@@ -27,12 +31,24 @@ NO_LAUNCH = {"view", "t", "transpose", "permute", "expand", "slice", "select", "
              "empty_strided"}
 
 
-def count(n: int, d: int, tau: float = 0.9) -> dict:
+class CountedReplay:
+    """A graph's stand-in: captured by one eager call, each replay counted, not run."""
+    replays = 0
+
+    def capture(self, fn):
+        return fn()
+
+    def replay(self):
+        CountedReplay.replays += 1
+
+
+def count(n: int, d: int, tau: float = 0.9, graphs: bool = False) -> dict:
     import triton.runtime.interpreter as interpreter
-    from himo_fast import backends
+    from himo_fast import backends, graphs as stage_graphs
     from himo_fast.factors import materialize
 
-    impl = backends.triton_impl(backends.triton_hide_ops("cuda"))
+    impl = backends.triton_impl(backends.triton_hide_ops("cuda"),
+                                stage_graphs.GraphCache(CountedReplay) if graphs else None)
     g = torch.Generator().manual_seed(0)
     u = (torch.randn(n, d, generator=g, dtype=torch.float64)
          * torch.logspace(0, -3, d, dtype=torch.float64)).float().requires_grad_()
@@ -63,11 +79,13 @@ def count(n: int, d: int, tau: float = 0.9) -> dict:
     interpreter.InterpretedFunction.run = run
     try:
         launches.clear()
+        CountedReplay.replays = 0
         with Ops():
             step()
     finally:
         interpreter.InterpretedFunction.run = original
-    return dict(n=n, d=d, tau=tau, triton_launches=sum(launches.values()),
+    return dict(n=n, d=d, tau=tau, graphs=graphs, graph_replays=CountedReplay.replays,
+                triton_launches=sum(launches.values()),
                 torch_ops=sum(ops.values()), triton=dict(launches.most_common()),
                 torch=dict(ops.most_common()))
 
@@ -77,8 +95,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--graphs", action="store_true", help="HiDe replayed from its graphs")
     a = p.parse_args(argv)
-    res = count(a.n, a.d, a.tau)
+    res = count(a.n, a.d, a.tau, a.graphs)
     print(json.dumps(res))
     return res
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import _extension, hide_graph, ops, pca, reference, subspace_iteration
+from . import _extension, graphs as stage_graphs, ops, pca, reference, subspace_iteration
 from .dual_infonce import dual_infonce as compiled_dual_infonce
 from .factors import TORCH_OPS, HiDeOps, hide_factors
 
@@ -55,11 +55,12 @@ TRIDIAGONAL_CAPTURE_MAX = 1024
 # certificate fails (benchmarks/README.md). Setting it to 256 (kernels.eigh.SMALL_MAX) turns
 # it off: the full solvers of _capturable_eigh then.
 SUBSPACE_ITERATION_MAX = 1024
-# The triton backend on CUDA replays HiDe's forward and backward from CUDA graphs, one
-# capture per shape, dtype and τ (hide_graph.py): eagerly HiDe is host-bound (≈ 90
-# dispatches at 128 x 768, ≈ 525 at 1024 x 768). $HIMO_FAST_HIDE_GRAPHS=0 turns it off.
-# Not measured on a GPU yet.
-HIDE_GRAPHS = os.environ.get("HIMO_FAST_HIDE_GRAPHS", "1") != "0"
+# The triton backend on CUDA replays HiDe and the fused dual InfoNCE, forward and backward,
+# from CUDA graphs captured once per shape, dtype and constants (graphs.py), up to
+# graphs.MAX_ELEMENTS input elements: eagerly they are host-bound at the recipe's sizes
+# (HiDe alone ≈ 90 dispatches at 128 x 768, ≈ 520 at 1024 x 768). $HIMO_FAST_GRAPHS=0
+# turns it off. Not measured on a GPU yet.
+GRAPHS = os.environ.get("HIMO_FAST_GRAPHS", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,6 @@ def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, s
                                  kernel_dtype=dtype, strip_rows=strip_rows)
 
 
-def _triton_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0):
-    # Every dtype in its own precision (bf16/fp16 for the tensor cores); fp32 accumulation,
-    # fp64 for fp64.
-    return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
-                                 kernel_dtype=rows[0][0].dtype, fused=True)
 
 
 def _hide_cpu(u, tau):
@@ -208,12 +204,18 @@ def triton_hide_ops(kind: str, eigh: Callable | None = None,
                    eigh or torch.linalg.eigh, subspace)
 
 
-def triton_impl(kernel_ops: HiDeOps, graphs: hide_graph.GraphCache | None = None) -> Impl:
-    # Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host
-    # (so its graphs capture); the fused dual InfoNCE keeps no logits.
+def triton_impl(kernel_ops: HiDeOps, graphs: stage_graphs.GraphCache | None = None) -> Impl:
+    """Masked factors and a sync-free eigh: nothing in HiDe reads the device on the host
+    (so its stages capture); the fused dual InfoNCE keeps no logits, and takes every
+    dtype in its own precision (bf16/fp16 for the tensor cores; fp32 accumulation, fp64
+    for fp64). Both stages from ``graphs`` where given."""
+    def dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0):
+        return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
+                                     kernel_dtype=rows[0][0].dtype, fused=True, graphs=graphs)
+
     return Impl("triton",
                 lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops, graphs=graphs),
-                _triton_dual_infonce)
+                dual_infonce)
 
 
 # ---------------------------------------------------------------- the backends
@@ -246,7 +248,7 @@ def _build_triton(kind: str):
     import importlib.util
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    graphs = hide_graph.GraphCache() if kind == "cuda" and HIDE_GRAPHS else None
+    graphs = stage_graphs.GraphCache() if kind == "cuda" and GRAPHS else None
     return triton_impl(triton_hide_ops(kind), graphs)
 
 

@@ -11,16 +11,48 @@ from __future__ import annotations
 
 import torch
 
+from typing import NamedTuple
+
 from .ops import dual_ce, fused_dual_ce
 from .pca import compute_dtype
 
 
+class FusedDualCE(NamedTuple):
+    """The fused op (ops.fused_dual_ce) as a graphs.Stage: (*global branch, *component
+    branch, scale) -> (ce, nll)."""
+
+    n_global: int  # tensors in the global branch: 2 (square) or 4 (rows and columns)
+    label_offset: int
+    label_smoothing: float
+
+    def _split(self, inputs):
+        n = self.n_global
+        return list(inputs[:n]), list(inputs[n:-1]), inputs[-1]
+
+    def forward(self, inputs):
+        from .kernels import infonce  # triton is imported only when this runs
+        ce, nll = infonce.dual_ce(*self._split(inputs), self.label_offset, self.label_smoothing)
+        return (ce, nll), (nll,), None
+
+    def backward(self, inputs, saved, constants, grads):
+        from .kernels import infonce
+        global_branch, comp_branch, scale = self._split(inputs)
+        d_global, d_comp, d_scale = infonce.dual_ce_backward(
+            *grads, saved[0], global_branch, comp_branch, scale, self.label_offset,
+            self.label_smoothing)
+        return (*d_global, *d_comp, d_scale.reshape(scale.shape))
+
+    def eager(self, *inputs):
+        return fused_dual_ce(*self._split(inputs), self.label_offset, self.label_smoothing)
+
+
 def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: float = 0.0, *,
                  kernel_dtype: torch.dtype | None = None, keep_logits: bool = False,
-                 strip_rows: int = 0, fused: bool = False):
+                 strip_rows: int = 0, fused: bool = False, graphs=None):
     """(global, comp) losses, same contract as ``reference.dual_infonce_reference``.
     ``kernel_dtype``: the features' dtype in the kernels (default: the accumulation dtype);
-    ``fused``: the Triton op (keep_logits and strip_rows are the strip driver's)."""
+    ``fused``: the Triton op (keep_logits and strip_rows are the strip driver's), replayed
+    from ``graphs`` (a graphs.GraphCache) where given."""
     acc = compute_dtype(rows[0][0].dtype)
     kernel_dtype = kernel_dtype or acc
     ready = lambda pair: [t.to(kernel_dtype).contiguous() for t in pair]
@@ -28,7 +60,9 @@ def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: floa
                 for r, c in zip(rows, cols if cols is not None else rows)]
     s = scale.reshape(()).to(acc)
     if fused:
-        ce, _ = fused_dual_ce(*branches, s, label_offset, float(label_smoothing))
+        stage = FusedDualCE(len(branches[0]), label_offset, float(label_smoothing))
+        inputs = (*branches[0], *branches[1], s)
+        ce, _ = graphs(stage, *inputs) if graphs is not None else stage.eager(*inputs)
     else:
         ce, _ = dual_ce(*branches, s, label_offset, float(label_smoothing), keep_logits,
                         strip_rows)

@@ -97,14 +97,14 @@ def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
     return centring_backward(grad_x, grad_mean)
 
 
-def refuse_double_backward() -> None:
+def refuse_double_backward(what: str = "HiDe's fused backward") -> None:
     """Called in a fused backward: create_graph=True would have autograd differentiate
     it as a constant (it is exact for consumers of Z Bᵀ, but not itself differentiable)."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "himo_fast: HiDe's fused backward (backends 'cpu', 'cuda', 'triton') has no "
-            "double backward (create_graph=True); use backend='reference', whose "
-            "gradients are differentiable to any order")
+            f"himo_fast: {what} (backends 'cpu', 'cuda', 'triton') has no double backward "
+            "(create_graph=True); use backend='reference', whose gradients are "
+            "differentiable to any order")
 
 
 class _HiDeFactors(torch.autograd.Function):
@@ -134,14 +134,31 @@ def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -
     return Factors(z, b, mean)
 
 
+class HiDeStage(NamedTuple):
+    """HiDe (masked layout) as a graphs.Stage: (u,) -> (Z, B, ū)."""
+
+    tau: float
+    ops: HiDeOps
+
+    def forward(self, inputs):
+        outputs, saved = hide_forward(inputs[0], self.tau, False, self.ops)
+        return outputs, saved.tensors, saved._replace(tensors=())
+
+    def backward(self, inputs, saved, constants, grads):
+        return (hide_backward(constants._replace(tensors=saved), *grads),)
+
+    def eager(self, u):
+        return _HiDeFactors.apply(u, self.tau, False, self.ops)
+
+
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,
                  ops: HiDeOps = TORCH_OPS, graphs=None) -> Factors:
     """HiDe as factors, in at least float32. ``sliced``: exact-size factors (reads m, a
     host sync on a GPU); otherwise fixed-size factors with the cutoff as a mask, replayed
-    from ``graphs`` (a hide_graph.GraphCache) where given."""
+    from ``graphs`` (a graphs.GraphCache) where given."""
     u = text_features.to(compute_dtype(text_features.dtype))
     if graphs is not None and not sliced:
-        return Factors(*graphs.factors(u, tau, ops), ops)
+        return Factors(*graphs(HiDeStage(tau, ops), u), ops)
     return Factors(*_HiDeFactors.apply(u, tau, sliced, ops), ops)
 
 

@@ -33,11 +33,8 @@ _DUAL_CE_OPTIONS = (0, 0.0, False, 0)  # label_offset, label_smoothing, keep_log
 def _refuse_double_backward():
     # The backward ops have no derivative of their own: autograd would treat the gradient
     # as a constant and return a silently wrong second order.
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "himo_fast: the compiled dual InfoNCE (backends 'cpu', 'cuda', 'triton') has "
-            "no double backward (create_graph=True); use MoLo(backend='reference'), "
-            "whose gradients are differentiable to any order")
+    from .factors import refuse_double_backward
+    refuse_double_backward("the compiled dual InfoNCE")
 
 
 def _per_row(global_branch, scale):

@@ -84,13 +84,21 @@ def test_infonce_tile_sweep_runs(tmp_path):
 
 def test_launch_count_runs():
     # benchmarks/launch_count.py counts the CUDA route's launches on the CPU (interpreter):
-    # at 20 x 12 the Gram route (tridiagonal solver) must show up, with the torch ops.
+    # at 20 x 12 the Gram route (tridiagonal solver) must show up, with the torch ops;
+    # with --graphs HiDe's kernels are in its two replays and only copies remain around them.
     script = Path(__file__).parent.parent / "benchmarks" / "launch_count.py"
-    out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import json
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["triton"].get("_tridiagonalize_resident_kernel", 0) >= 1, res
-    assert res["triton_launches"] == sum(res["triton"].values()) > 0, res
-    assert res["torch_ops"] == sum(res["torch"].values()) > 0 and res["torch"]["mm"] >= 1, res
+    res = {}
+    for graphs in ([], ["--graphs"]):
+        out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12", *graphs],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        res[bool(graphs)] = json.loads(out.stdout.strip().splitlines()[-1])
+    eager, graphed = res[False], res[True]
+    assert eager["triton"].get("_tridiagonalize_resident_kernel", 0) >= 1, eager
+    assert eager["triton_launches"] == sum(eager["triton"].values()) > 0, eager
+    assert eager["torch_ops"] == sum(eager["torch"].values()) > 0 and eager["torch"]["mm"] >= 1
+    assert eager["graph_replays"] == 0 and graphed["graph_replays"] == 2, graphed
+    assert "_tridiagonalize_resident_kernel" not in graphed["triton"], graphed
+    assert graphed["torch_ops"] + graphed["triton_launches"] < (
+        eager["torch_ops"] + eager["triton_launches"]) / 3, (graphed, eager)
