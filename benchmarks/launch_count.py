@@ -1,7 +1,7 @@
 """How many launches one HiDe forward+backward makes on the triton backend's CUDA route,
 counted on the CPU (Triton's interpreter runs the kernels on CPU tensors):
 
-    python benchmarks/launch_count.py [--n 1024] [--d 768] [--tau 0.9] [--graphs]
+    python benchmarks/launch_count.py [--n 1024] [--d 768] [--tau 0.9] [--graphs] [--loss]
 
 Triton kernel launches (each interpreted call counted) and torch ops that launch work (a
 TorchDispatchMode; views and the interpreter's own tensor copies left out). Eagerly each
@@ -10,9 +10,11 @@ their count is the eager step's host floor whatever the GPU does. Counted here o
 2026-12-04 at 128 x 768 and 300 x 260 (the subspace-iteration route of 1024 x 768): both
 above issue 15's goals by host time alone; see benchmarks/README.md ("The eager host floor").
 
-``--graphs``: the same step with HiDe replayed from its graphs (himo_fast/graphs.py, the
-triton backend's default on CUDA): what is left on the host per call, a replay counted as
-one launch (a stand-in that does not re-run the kernels).
+``--graphs``: the same step with the stages replayed from their graphs (himo_fast/graphs.py,
+the triton backend's default on CUDA): what is left on the host per call, a replay counted
+as one launch (a stand-in that does not re-run the kernels). ``--loss``: a whole MoLo
+forward+backward (square, n pairs: HiDe, the component products, the fused dual InfoNCE)
+instead of HiDe alone.
 """
 import argparse
 import collections
@@ -42,8 +44,9 @@ class CountedReplay:
         CountedReplay.replays += 1
 
 
-def count(n: int, d: int, tau: float = 0.9, graphs: bool = False) -> dict:
+def count(n: int, d: int, tau: float = 0.9, graphs: bool = False, loss: bool = False) -> dict:
     import triton.runtime.interpreter as interpreter
+    import himo_fast
     from himo_fast import backends, graphs as stage_graphs
     from himo_fast.factors import materialize
 
@@ -71,9 +74,16 @@ def count(n: int, d: int, tau: float = 0.9, graphs: bool = False) -> dict:
                 ops[name] += 1
             return func(*args, **(kwargs or {}))
 
+    v = (u.detach() + 0.1 * torch.randn(n, d, generator=g)).requires_grad_()
+    s = torch.tensor(10.0, requires_grad=True)
+    molo = himo_fast.MoLo(tau=tau)
+
     def step():
         u.grad = None
-        (materialize(impl.hide_factors(u, tau)) * weight).sum().backward()
+        if loss:
+            molo._loss(impl, v, u, s, None, False).backward()
+        else:
+            (materialize(impl.hide_factors(u, tau)) * weight).sum().backward()
 
     step()  # first call: the capture preparation's extra solve is not the step's
     interpreter.InterpretedFunction.run = run
@@ -84,7 +94,7 @@ def count(n: int, d: int, tau: float = 0.9, graphs: bool = False) -> dict:
             step()
     finally:
         interpreter.InterpretedFunction.run = original
-    return dict(n=n, d=d, tau=tau, graphs=graphs, graph_replays=CountedReplay.replays,
+    return dict(n=n, d=d, tau=tau, graphs=graphs, loss=loss, graph_replays=CountedReplay.replays,
                 triton_launches=sum(launches.values()),
                 torch_ops=sum(ops.values()), triton=dict(launches.most_common()),
                 torch=dict(ops.most_common()))
@@ -95,9 +105,10 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--tau", type=float, default=0.9)
-    p.add_argument("--graphs", action="store_true", help="HiDe replayed from its graphs")
+    p.add_argument("--graphs", action="store_true", help="the stages replayed from graphs")
+    p.add_argument("--loss", action="store_true", help="a whole MoLo step, not HiDe alone")
     a = p.parse_args(argv)
-    res = count(a.n, a.d, a.tau, a.graphs)
+    res = count(a.n, a.d, a.tau, a.graphs, a.loss)
     print(json.dumps(res))
     return res
 

@@ -102,3 +102,9 @@ def test_launch_count_runs():
     assert "_tridiagonalize_resident_kernel" not in graphed["triton"], graphed
     assert graphed["torch_ops"] + graphed["triton_launches"] < (
         eager["torch_ops"] + eager["triton_launches"]) / 3, (graphed, eager)
+    # --loss: a whole MoLo step, HiDe and the fused dual InfoNCE each two replays
+    out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12", "--loss",
+                          "--graphs"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    loss = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loss["graph_replays"] == 4 and "_lse_rows_kernel" not in loss["triton"], loss
