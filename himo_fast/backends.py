@@ -190,6 +190,20 @@ def _triton_subspace(small, tau, gram):
     return pca.full_subspace(small, tau, gram, _capturable_eigh)
 
 
+def _pca_captures_well(k: int, tau: float) -> bool:
+    """Whether _triton_subspace on a k x k matrix at τ is as fast in a CUDA graph (its
+    stages' graphs) as eagerly: where both run the same route (the Triton solver up to
+    kernels.eigh.SMALL_MAX, subspace iteration up to SUBSPACE_ITERATION_MAX at τ <=
+    subspace_iteration.TAU_MAX), and up to SYEV_BATCHED_CAPTURE_MAX, where the captured
+    XsyevBatched ran at syevd's speed (H100, 2026-11-23). Elsewhere eagerly syevd runs,
+    and what captures is slower (Jacobi, ≈ 230 ms at 768) or not measured (the grid
+    reduction, predicted about even at 768)."""
+    from . import kernels
+    return (k <= kernels.eigh.SMALL_MAX
+            or (k <= SUBSPACE_ITERATION_MAX and tau <= subspace_iteration.TAU_MAX)
+            or (ops.SYM_EIGH_ON_CUDA and k <= SYEV_BATCHED_CAPTURE_MAX))
+
+
 def triton_hide_ops(kind: str, eigh: Callable | None = None,
                     subspace: Callable | None = None) -> HiDeOps:
     """HiDe's primitives on the Triton kernels, with the eigensolver for this device type:
@@ -198,10 +212,11 @@ def triton_hide_ops(kind: str, eigh: Callable | None = None,
     tests/test_hide_triton.py and tests/test_subspace_iteration.py HiDe with it, by passing
     ``eigh`` or ``subspace``)."""
     from . import kernels  # triton is imported only when this backend runs
+    graphable = None
     if eigh is None and subspace is None and kind == "cuda":
-        eigh, subspace = _capturable_eigh, _triton_subspace
+        eigh, subspace, graphable = _capturable_eigh, _triton_subspace, _pca_captures_well
     return HiDeOps(kernels.centre, kernels.gram_or_cov, kernels.product,
-                   eigh or torch.linalg.eigh, subspace)
+                   eigh or torch.linalg.eigh, subspace, graphable)
 
 
 def triton_impl(kernel_ops: HiDeOps, graphs: stage_graphs.GraphCache | None = None) -> Impl:

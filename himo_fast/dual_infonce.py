@@ -45,6 +45,9 @@ class FusedDualCE(NamedTuple):
     def eager(self, *inputs):
         return fused_dual_ce(*self._split(inputs), self.label_offset, self.label_smoothing)
 
+    def graphable(self, inputs) -> bool:
+        return True  # the same kernels in a graph as eagerly
+
 
 def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: float = 0.0, *,
                  kernel_dtype: torch.dtype | None = None, keep_logits: bool = False,

@@ -46,6 +46,9 @@ class HiDeOps(NamedTuple):
     eigh: Callable = torch.linalg.eigh  # symmetric a -> (eigenvalues ascending, vectors)
     # (small, tau, gram) -> pca.Subspace in place of the full eigh, where set
     subspace: Callable | None = None
+    # (k, tau) -> whether the PCA of a k x k small matrix is as fast in a CUDA graph as
+    # eagerly (the eigensolver may differ while capturing); None: at every size
+    graphable: Callable | None = None
 
 
 TORCH_OPS = HiDeOps(_centre, gram_or_cov, _product)
@@ -149,6 +152,9 @@ class HiDeStage(NamedTuple):
 
     def eager(self, u):
         return _HiDeFactors.apply(u, self.tau, False, self.ops)
+
+    def graphable(self, inputs) -> bool:
+        return self.ops.graphable is None or self.ops.graphable(min(inputs[0].shape), self.tau)
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,

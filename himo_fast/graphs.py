@@ -18,18 +18,21 @@ How a graph stays correct where an eager call would be:
   first, from the inputs it saved: the saved state is then its own again.
 - Each stream has entries of its own, so that replays on two streams never share buffers.
 - Eager (``stage.eager``, the autograd op) where a graph cannot be or does not pay: while
-  the stream is already capturing (an outer graph holds the kernels), under
+  the stream is already capturing (an outer graph holds the kernels), on a CUDA device
+  other than the current one, under
   torch.compile (it traces the eager path), in inference mode (its tensors cannot be
   copied into later), above ``MAX_ELEMENTS`` input elements (a graph's private memory
   pool keeps its temporaries between calls, and there the device time dwarfs the
   launches), and for every key whose capture failed (warned once per key).
+- Eager where the stage says a graph would not pay (``stage.graphable``): HiDe where its
+  eigensolver while capturing is not the eager one (backends._pca_captures_well).
 - The stage's constants (τ, the eigensolver route, the label offset) are in its key;
   module-level knobs (backends.SUBSPACE_ITERATION_MAX, the kernels' block sizes) are read
   when a key is captured, not at each replay.
 
-A stage (``Stage``) is a hashable value with three methods: ``forward`` and ``backward``
+A stage (``Stage``) is a hashable value with four methods: ``forward`` and ``backward``
 as plain functions on tensors (no autograd inside, every decision on the device, so that
-they capture), and ``eager``, the same computation as an autograd op. ``CudaGraphRunner``
+they capture), ``eager``, the same computation as an autograd op, and ``graphable``. ``CudaGraphRunner``
 captures and replays; the tests hold the buffer, clone and generation logic to the eager
 path with a stand-in that re-runs the captured function into the same buffers.
 """
@@ -65,6 +68,10 @@ class Stage(Protocol):
 
     def eager(self, *inputs):
         """The outputs, as an autograd op (where no graph applies)."""
+
+    def graphable(self, inputs: tuple) -> bool:
+        """Whether a graph of the stage on these inputs is as fast as eager kernels (a
+        stage may run other kernels while capturing)."""
 
 
 class Runner(Protocol):
@@ -174,10 +181,14 @@ class _Graphed(torch.autograd.Function):
 
 
 def graphs_apply(inputs: tuple) -> bool:
-    """Whether a call on ``inputs`` may replay a graph (see the module's docstring)."""
+    """Whether a call on ``inputs`` may replay a graph (see the module's docstring). On
+    CUDA, only on the current device (whose streams the runner captures on)."""
+    first = inputs[0]
+    if first.is_cuda and (first.device.index != torch.cuda.current_device()
+                          or torch.cuda.is_current_stream_capturing()):
+        return False
     return (not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-            and sum(t.numel() for t in inputs) <= MAX_ELEMENTS
-            and not (inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+            and sum(t.numel() for t in inputs) <= MAX_ELEMENTS)
 
 
 class GraphCache:
@@ -222,7 +233,8 @@ class GraphCache:
         return entry
 
     def __call__(self, stage: Stage, *inputs):
-        entry = self._entry(stage, inputs) if graphs_apply(inputs) else None
+        entry = (self._entry(stage, inputs)
+                 if graphs_apply(inputs) and stage.graphable(inputs) else None)
         if entry is None:
             return stage.eager(*inputs)
         return _Graphed.apply(entry, *inputs)

@@ -183,6 +183,32 @@ def test_eager_under_inference_mode_torch_compile_and_above_the_size_cap(monkeyp
     assert len(cache.entries) == 1
 
 
+def test_hide_stays_eager_where_its_capture_route_would_be_slower(monkeypatch):
+    """HiDeOps.graphable (the triton backend's: backends._pca_captures_well) keeps HiDe out
+    of graphs where its eigensolver while capturing is not the eager one."""
+    pytest.importorskip("triton")
+    asked = []
+    ops = TORCH_OPS._replace(graphable=lambda k, tau: asked.append((k, tau)) or k <= 20)
+    cache = graphs.GraphCache(StandIn)
+    for n in (18, 26):  # k = min(N, d) = 18 (graphed), then 24 (eager)
+        u = _text(n, 24, seed=n)
+        assert torch.equal(materialize(_hide(u, cache, ops)), materialize(_hide(u, None, ops)))
+    assert asked == [(18, 0.9), (24, 0.9)] and len(cache.entries) == 1
+
+    captures_well = backends._pca_captures_well
+    monkeypatch.setattr(backends.ops, "SYM_EIGH_ON_CUDA", False)
+    assert captures_well(256, 0.999)  # the Triton solver, eagerly and captured
+    assert captures_well(768, 0.9) and captures_well(1024, 0.5)  # subspace iteration
+    assert not captures_well(768, 0.95)  # eagerly syevd; captured, the grid reduction
+    assert not captures_well(1025, 0.5)  # captured: Jacobi
+    monkeypatch.setattr(backends, "SUBSPACE_ITERATION_MAX", 256)
+    assert not captures_well(768, 0.9)
+    monkeypatch.setattr(backends.ops, "SYM_EIGH_ON_CUDA", True)
+    assert captures_well(512, 0.99) and not captures_well(513, 0.99)  # XsyevBatched
+    assert backends.triton_hide_ops("cuda").graphable is captures_well
+    assert backends.triton_hide_ops("cpu").graphable is None
+
+
 def test_double_backward_is_refused():
     cache = graphs.GraphCache(StandIn)
     u = _text(14, 22, seed=9).requires_grad_()
