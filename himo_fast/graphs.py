@@ -19,22 +19,22 @@ How a graph stays correct where an eager call would be:
 - Each stream has entries of its own, so that replays on two streams never share buffers.
 - Eager (``stage.eager``, the autograd op) where a graph cannot be or does not pay: while
   the stream is already capturing (an outer graph holds the kernels), on a CUDA device
-  other than the current one, under
-  torch.compile (it traces the eager path), in inference mode (its tensors cannot be
-  copied into later), above ``MAX_ELEMENTS`` input elements (a graph's private memory
-  pool keeps its temporaries between calls, and there the device time dwarfs the
-  launches), and for every key whose capture failed (warned once per key).
-- Eager where the stage says a graph would not pay (``stage.graphable``): HiDe where its
-  eigensolver while capturing is not the eager one (backends._pca_captures_well).
+  other than the current one, under torch.compile (it traces the eager path), in
+  inference mode (its tensors cannot be copied into later), above ``MAX_ELEMENTS`` input
+  elements (a graph's private memory pool keeps its temporaries between calls, and there
+  the device time dwarfs the launches), where the stage says a graph would be slower
+  (``stage.graphable``: HiDe where its eigensolver while capturing is not the eager one,
+  backends._pca_captures_well), and for every key whose capture failed (warned once).
 - The stage's constants (τ, the eigensolver route, the label offset) are in its key;
   module-level knobs (backends.SUBSPACE_ITERATION_MAX, the kernels' block sizes) are read
   when a key is captured, not at each replay.
 
 A stage (``Stage``) is a hashable value with four methods: ``forward`` and ``backward``
 as plain functions on tensors (no autograd inside, every decision on the device, so that
-they capture), ``eager``, the same computation as an autograd op, and ``graphable``. ``CudaGraphRunner``
-captures and replays; the tests hold the buffer, clone and generation logic to the eager
-path with a stand-in that re-runs the captured function into the same buffers.
+they capture), ``eager``, the same computation as an autograd op, and ``graphable``.
+``CudaGraphRunner`` captures and replays; the tests hold the buffer, clone and generation
+logic to the eager path with a stand-in that re-runs the captured function into the same
+buffers.
 """
 from __future__ import annotations
 
