@@ -111,7 +111,8 @@ def triton_hide(u):
 
 def _subspace_iteration_note(n, d, rounds):
     """The triton backend at N > d with its full solvers instead of subspace iteration
-    (the same run's alternative), and whether the certificate held on this batch."""
+    (the same run's alternative), and whether the certificate held on this batch. A fresh
+    graph cache: entries captured on the subspace route are not reused."""
     saved = backends.SUBSPACE_ITERATION_MAX
     backends.SUBSPACE_ITERATION_MAX = 0
     try:
@@ -126,8 +127,8 @@ def _subspace_iteration_note(n, d, rounds):
     small = pca.gram_or_cov(x, n <= d)
     ok = (bool(backends._triton_subspace(small, 0.9, n <= d).partial.ok)
           if SMALL_MAX < small.shape[0] <= saved else None)
-    return (f"triton (graphed) with the full solvers instead of subspace iteration "
-            f"{full:.3f} ms; certificate held: {ok}")
+    return (f"triton with the full solvers instead of subspace iteration (syevd, eager: "
+            f"graphs do not apply there) {full:.3f} ms; certificate held: {ok}")
 
 
 def hide_table(quick: bool, rounds: int):

@@ -97,8 +97,6 @@ def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, s
                                  kernel_dtype=dtype, strip_rows=strip_rows)
 
 
-
-
 def _hide_cpu(u, tau):
     # On the CPU reading m costs nothing, so the factors are cut to their exact size (the
     # component branch then has width m+1). Under torch.compile the fixed-size masked

@@ -9,9 +9,9 @@ kernels get and whether the forward keeps its logits are the backend's choices
 """
 from __future__ import annotations
 
-import torch
-
 from typing import NamedTuple
+
+import torch
 
 from .ops import dual_ce, fused_dual_ce
 from .pca import compute_dtype
