@@ -174,14 +174,20 @@ def _prepare_top_subspace(device: torch.device, k: int) -> None:
     _top_subspace(torch.eye(k, device=device, dtype=torch.float64), 0.9, False)
 
 
-def _triton_subspace(small, tau, gram):
-    """The triton backend's PCA on CUDA: the full decomposition (_capturable_eigh) up to
-    kernels.eigh.SMALL_MAX and above SUBSPACE_ITERATION_MAX, subspace iteration between
-    where τ <= subspace_iteration.TAU_MAX (above it the block rarely holds the cutoff)."""
+def _subspace_iteration_applies(k: int, tau: float) -> bool:
+    """Whether _triton_subspace takes a k x k matrix at τ by subspace iteration: above
+    kernels.eigh.SMALL_MAX up to SUBSPACE_ITERATION_MAX, where τ <=
+    subspace_iteration.TAU_MAX (above it the block rarely holds the cutoff)."""
     from . import kernels
+    return (kernels.eigh.SMALL_MAX < k <= SUBSPACE_ITERATION_MAX
+            and tau <= subspace_iteration.TAU_MAX)
+
+
+def _triton_subspace(small, tau, gram):
+    """The triton backend's PCA on CUDA: subspace iteration where
+    _subspace_iteration_applies, else the full decomposition (_capturable_eigh)."""
     k = small.shape[0]
-    if (kernels.eigh.SMALL_MAX < k <= SUBSPACE_ITERATION_MAX
-            and tau <= subspace_iteration.TAU_MAX):
+    if _subspace_iteration_applies(k, tau):
         if not (small.is_cuda and torch.cuda.is_current_stream_capturing()):
             _prepare_top_subspace(small.device, k)
         return _top_subspace(small, tau, gram)
@@ -191,14 +197,12 @@ def _triton_subspace(small, tau, gram):
 def _pca_captures_well(k: int, tau: float) -> bool:
     """Whether _triton_subspace on a k x k matrix at τ is as fast in a CUDA graph (its
     stages' graphs) as eagerly: where both run the same route (the Triton solver up to
-    kernels.eigh.SMALL_MAX, subspace iteration up to SUBSPACE_ITERATION_MAX at τ <=
-    subspace_iteration.TAU_MAX), and up to SYEV_BATCHED_CAPTURE_MAX, where the captured
+    kernels.eigh.SMALL_MAX, subspace iteration where it applies), and up to SYEV_BATCHED_CAPTURE_MAX, where the captured
     XsyevBatched ran at syevd's speed (H100, 2026-11-23). Elsewhere eagerly syevd runs,
     and what captures is slower (Jacobi, ≈ 230 ms at 768) or not measured (the grid
     reduction, predicted about even at 768)."""
     from . import kernels
-    return (k <= kernels.eigh.SMALL_MAX
-            or (k <= SUBSPACE_ITERATION_MAX and tau <= subspace_iteration.TAU_MAX)
+    return (k <= kernels.eigh.SMALL_MAX or _subspace_iteration_applies(k, tau)
             or (ops.SYM_EIGH_ON_CUDA and k <= SYEV_BATCHED_CAPTURE_MAX))
 
 

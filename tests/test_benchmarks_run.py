@@ -88,13 +88,13 @@ def test_launch_count_runs():
     # with --graphs HiDe's kernels are in its two replays and only copies remain around them.
     script = Path(__file__).parent.parent / "benchmarks" / "launch_count.py"
     import json
-    res = {}
-    for graphs in ([], ["--graphs"]):
-        out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12", *graphs],
+    res = []
+    for flags in ([], ["--graphs"], ["--graphs", "--loss"]):
+        out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12", *flags],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        res[bool(graphs)] = json.loads(out.stdout.strip().splitlines()[-1])
-    eager, graphed = res[False], res[True]
+        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    eager, graphed, loss = res
     assert eager["triton"].get("_tridiagonalize_resident_kernel", 0) >= 1, eager
     assert eager["triton_launches"] == sum(eager["triton"].values()) > 0, eager
     assert eager["torch_ops"] == sum(eager["torch"].values()) > 0 and eager["torch"]["mm"] >= 1
@@ -103,8 +103,4 @@ def test_launch_count_runs():
     assert graphed["torch_ops"] + graphed["triton_launches"] < (
         eager["torch_ops"] + eager["triton_launches"]) / 3, (graphed, eager)
     # --loss: a whole MoLo step, HiDe and the fused dual InfoNCE each two replays
-    out = subprocess.run([sys.executable, str(script), "--n", "20", "--d", "12", "--loss",
-                          "--graphs"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    loss = json.loads(out.stdout.strip().splitlines()[-1])
     assert loss["graph_replays"] == 4 and "_lse_rows_kernel" not in loss["triton"], loss

@@ -139,7 +139,7 @@ def test_one_entry_per_key_and_least_recently_used_dropped():
     assert (10, 12) not in shapes and shapes[-1] == (sizes[-1], 12)
     _hide(_text(20, 12, seed=1).float(), cache)  # the dtype is in the key
     assert StandIn.captures - before == 2 * (len(sizes) + 1)
-    _hide(_text(20, 12, seed=1).float(), graphs.GraphCache(StandIn))
+    _hide(_text(20, 12, seed=1).float(), graphs.GraphCache(StandIn))  # a cache of its own
     hide_factors(_text(20, 12, seed=1).float(), 0.5, ops=TORCH_OPS, graphs=cache)  # so is τ
     assert StandIn.captures - before == 2 * (len(sizes) + 3)
     precision = torch.get_float32_matmul_precision()
