@@ -10,12 +10,15 @@
 #   tables of issues 15 (HiDe) and 16 (dual InfoNCE, with Inf-CL), benchmarks/goals.py;
 #   tiles_infonce = the fused Triton InfoNCE's tile sweep, benchmarks/infonce_tiles.py)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
-# bare). Each stage has its own time limit, so one that hangs cannot eat the others'. All of
-# them take longer than one 10-minute device command: split them over two or three calls.
+# bare; BUILD=0 keeps what an earlier call on the same warm machine installed from the
+# same source). Each stage has its own time limit, so one that hangs cannot eat the
+# others'. All of them take longer than one 10-minute device command, and a session has
+# 15 minutes of device time: benchmarks/README.md's runbook picks the stages.
 # Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
 # tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
 # that folder is there (see benchmarks/README.md). TESTS="NAME ..." runs only those
-# tests/test_NAME.py; BENCH_K passes `-k` to the loss benchmarks; EIGH_SIZES the sizes of
+# tests/test_NAME.py (XDIST=N processes where pytest-xdist is there, default 8, 0: one
+# pytest per file); BENCH_K passes `-k` to the loss benchmarks; EIGH_SIZES the sizes of
 # probe_eigh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,16 +40,30 @@ stage_build() {
   fi
   # What this Python links extensions with (a static libstdc++ here once crashed _C).
   python3 -c "import sysconfig as s; print('LDSHARED:', s.get_config_var('LDSHARED'))"
-  # Only the GPU at hand's architecture: the build is what a user's `pip install .` does.
-  MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps . 2>&1 \
-    | grep -E "definition of|static-lib|^error|Error" | cut -c1-300 | head -12
+  # BUILD=0 on a machine still warm from a call that built: keep that install (a minute).
+  if [ "${BUILD:-1}" = 0 ] && (cd /tmp && python3 -c "import himo_fast._C" 2>/dev/null); then
+    echo "BUILD=0: the himo_fast installed by an earlier call, not rebuilt"
+  else
+    # Only the GPU at hand's architecture: the build is what a user's `pip install .` does.
+    MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps . 2>&1 \
+      | grep -E "definition of|static-lib|^error|Error" | cut -c1-300 | head -12
+  fi
   (cd /tmp && python3 -c "import himo_fast._C as c, himo_fast; print('built_with_cuda', c.built_with_cuda(), 'sync-free eigh (cuSOLVER)', c.built_with_cusolver(), 'backends', himo_fast.available_backends('cuda'))")
 }
 
 stage_tests() {  # the whole suite: GPU tests and the Triton kernels run compiled on CUDA
-  # One pytest per file, so that a crash in one file cannot hide the others' results.
   local files=("$here"/tests/test_*.py)
   [ -n "${TESTS:-}" ] && files=($(for t in $TESTS; do echo "$here/tests/test_$t.py"; done))
+  if [ "${XDIST:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+    # pytest-xdist (the machine has it): the tests in XDIST processes, so that Triton's
+    # compiles (one per kernel variant, seconds each) run side by side on the 16 cores;
+    # a crash costs one worker, which is replaced, not the others' results.
+    (cd /tmp && timeout ${TESTS_TIMEOUT:-400} python3 -X faulthandler -m pytest "${files[@]}" \
+      -n "${XDIST:-8}" -q -rfEsxX --tb=short -p no:cacheprovider --timeout 180 2>&1 \
+      | grep -v "_pytest/\|pluggy/\|^Extension modules" | tail -80)
+    return
+  fi
+  # One pytest per file, so that a crash in one file cannot hide the others' results.
   for f in "${files[@]}"; do
     echo "### $(basename "$f")"
     (cd /tmp && timeout 300 python3 -X faulthandler -m pytest "$f" -q -rfEsxX --tb=short \
@@ -140,7 +157,8 @@ stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generat
 {
   echo "# himo_fast GPU check  $stamp"
   echo "command: bash benchmarks/gpu_check.sh ${stages[*]}"
-  for v in TESTS BENCH_K BENCH_TIMEOUT EIGH_SIZES LDFLAGS; do [ -n "${!v:-}" ] && echo "  $v=${!v}"; done
+  for v in TESTS XDIST BUILD TESTS_TIMEOUT GOALS_TIMEOUT TRAIN_STEP_TIMEOUT BENCH_K BENCH_TIMEOUT \
+      EIGH_SIZES LDFLAGS; do [ -n "${!v:-}" ] && echo "  $v=${!v}"; done
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -2
@@ -149,12 +167,13 @@ stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generat
     t0=$(date +%s)
     "stage_$s"
     echo "## $s done in $(( $(date +%s) - t0 )) s"
+    # After every stage, so that a call cut off at its limit still brings back the JSON of
+    # each stage that finished (then: python -m himo_fast.bench report)
+    [ -n "${OUT:-}" ] && cp "$here/${res%.txt}"*.json "$OUT/" 2>/dev/null
   done
 } 2>&1 | tee "$res" "$log"
 if [ -n "${OUT:-}" ]; then
   cp "$res" "$OUT/" 2>/dev/null
-  cp "$json" "${json%.json}-hide.json" "${json%.json}-eigh.json" "${json%.json}-train-step.json" \
-    "${json%.json}-goals-hide.json" "${json%.json}-goals-infonce.json" "${json%.json}-tiles-infonce.json" "$OUT/" 2>/dev/null  # then: python -m himo_fast.bench report
   [ -d "${res%.txt}-demo" ] && cp -r "${res%.txt}-demo" "$OUT/"
 fi
 true

@@ -116,6 +116,11 @@ class _HiDeFactors(torch.autograd.Function):
         outputs, saved = hide_forward(u, tau, sliced, ops)
         ctx.save_for_backward(*saved.tensors)
         ctx.saved = saved._replace(tensors=())
+        if torch.compiler.is_compiling():
+            # Outputs that are not saved tensors: torch 2.11's dynamo (the GPU machine's)
+            # dropped the gradient of the output that is the saved kept eigenvectors
+            # themselves (B in the covariance case, Z in the Gram case)
+            return tuple(t.clone() for t in outputs)
         return outputs
 
     @staticmethod

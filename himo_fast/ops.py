@@ -49,6 +49,13 @@ def _grads_like(global_branch, comp_branch, scale):
             [torch.empty_like(t) for t in comp_branch], scale.new_empty(()))
 
 
+def _one_per_input(ctx, *grads):
+    """The gradients for the inputs the op was called with. torch 2.11 (the GPU machine's)
+    passes the autograd function only the arguments that differ from their defaults and
+    wants exactly one gradient each; 2.14 also takes one per schema argument."""
+    return grads[:len(ctx.needs_input_grad)]
+
+
 def _ready(grad, like):
     """An upstream gradient as the backward ops take it: contiguous, zeros where None."""
     return grad.contiguous() if grad is not None else torch.zeros_like(like)
@@ -101,7 +108,7 @@ def _register() -> bool:
             _ready(grad_ce, nll), _ready(grad_nll, nll), nll, logits, global_branch, comp_branch,
             scale, *ctx.options)
         d_scale = d_scale.to(scale.dtype).reshape(scale.shape)
-        return list(d_global), list(d_comp), d_scale, None, None, None, None
+        return _one_per_input(ctx, list(d_global), list(d_comp), d_scale, None, None, None, None)
 
     torch.library.register_autograd(f"{_LIB}::dual_ce", backward, setup_context=setup_context)
 
@@ -161,7 +168,8 @@ def _fused_backward(ctx, grad_ce, grad_nll):
     d_global, d_comp, d_scale = fused_dual_ce_backward(
         _ready(grad_ce, nll), _ready(grad_nll, nll), nll, saved[:n_global], saved[n_global:],
         scale, *ctx.options)
-    return list(d_global), list(d_comp), d_scale.reshape(scale.shape), None, None
+    return _one_per_input(ctx, list(d_global), list(d_comp), d_scale.reshape(scale.shape), None,
+                          None)
 
 
 fused_dual_ce.register_autograd(_fused_backward, setup_context=_fused_setup_context)

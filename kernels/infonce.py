@@ -58,9 +58,12 @@ COL_PROGRAMS = 256
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # out_dtype named: Triton 3.6 (the GPU machine's) asserts that a float64 accumulator
+    # has it, where 3.8 infers it
     if UPCAST:  # see interpreted_bf16
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION,
+                      out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

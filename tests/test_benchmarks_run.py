@@ -7,9 +7,13 @@ from pathlib import Path
 
 def test_benchmark_suite_quick(tmp_path):
     bench = Path(__file__).parent.parent / "benchmarks"
-    env = dict(os.environ, HIMO_BENCH_QUICK="1")
+    # Not an xdist worker's environment (gpu_check.sh runs the suite with pytest-xdist):
+    # pytest-benchmark turns itself off there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["HIMO_BENCH_QUICK"] = "1"
     out = subprocess.run([sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-q",
-                          "-p", "no:cacheprovider", f"--benchmark-json={tmp_path / 'b.json'}"],
+                          "-p", "no:cacheprovider", "-p", "no:xdist",
+                          f"--benchmark-json={tmp_path / 'b.json'}"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import json

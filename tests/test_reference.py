@@ -154,3 +154,26 @@ def test_factors_sliced_equal_masked(n, d):
         assert torch.autograd.gradcheck(consumers, (u, v))
     assert rel(out[True][0], out[False][0]) <= 1e-12
     assert rel(out[True][1], out[False][1]) <= 1e-10
+
+
+@pytest.mark.parametrize("n,d", [(24, 16), (12, 20)])  # covariance, Gram
+def test_factors_compiled_equal_eager(n, d):
+    """torch.compile(fullgraph) traces HiDe's autograd function: same values and gradient.
+    torch 2.11's dynamo (the GPU machine's; tests/test_gpu_machine_stack.py) dropped the
+    gradient of an output that was also a saved tensor: B (covariance) or Z (Gram)."""
+    from himo_fast.factors import hide_factors, materialize, component_image, component_text
+    v, u = pairs(n, d)
+    w = torch.randn(n, d, dtype=torch.float64)
+
+    def consumers(x, y):
+        f = hide_factors(x, 0.9)
+        return (materialize(f) * w).sum() + (component_image(f, y) @ component_text(f).T).sum()
+
+    out = []
+    for fn in (consumers, torch.compile(consumers, fullgraph=True)):
+        u.grad = v.grad = None
+        loss = fn(u, v)
+        loss.backward()
+        out.append((loss.detach(), u.grad.clone(), v.grad.clone()))
+    for a, b in zip(*out):
+        assert rel(a, b) <= 1e-10

@@ -227,22 +227,23 @@ def run(configs, losses, device, steps, warmup, out: Path | None) -> list[dict]:
     first = next((c for c in configs if c != "b16-max"), None)
     if first is not None:
         measure(first, "clip", device, steps=1, warmup=warmup)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
+            f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv)}
     rows = []
     for config in configs:
         for loss in losses:
             if config == "b16-max":
                 rows.append({"config": config, "loss": loss, "model": "ViT-B-16",
                              "largest_batch": largest_batch(loss, device)})
-                continue
-            with tqdm(total=steps, desc=f"{config} {loss}", unit="step") as bar:
-                rows.append(measure(config, loss, device, steps, warmup, bar))
+            else:
+                with tqdm(total=steps, desc=f"{config} {loss}", unit="step") as bar:
+                    rows.append(measure(config, loss, device, steps, warmup, bar))
+            if out is not None:  # after every row: a run cut off keeps what it measured
+                out.write_text(json.dumps({"train_step": rows, **meta}, indent=1))
     print(table(rows))
     if out is not None:
-        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else
-                f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "command": " ".join(sys.argv)}
-        out.write_text(json.dumps({"train_step": rows, **meta}, indent=1))
         print(f"wrote {out}")
     return rows
 
