@@ -131,7 +131,7 @@ def _subspace_iteration_note(n, d, rounds):
             f"graphs do not apply there) {full:.3f} ms; certificate held: {ok}")
 
 
-def hide_table(quick: bool, rounds: int):
+def hide_table(quick: bool, rounds: int, rows: list):
     d = 64 if quick else 768
     small, large = (32, 96) if quick else (128, 1024)
     auto = backends.select("auto", DEVICE).name
@@ -140,7 +140,6 @@ def hide_table(quick: bool, rounds: int):
     # auto should follow.
     others = [b for b in ("cuda", "triton") if CUDA and b != auto
               and b in himo_fast.available_backends(DEVICE)]
-    rows = []
     for n, goal in ((small, 0.25), (large, 1.5)):
         ours = median_ms(hide_step(lambda u: himo_fast.hide(u, 0.9), n, d), rounds)
         svd = median_ms(hide_step(lambda u: official_hide(u, 0.9), n, d), rounds)
@@ -198,7 +197,6 @@ def hide_table(quick: bool, rounds: int):
         rows.append(missing("CUDA-graph step vs eager, N=128", graph_goal, "needs CUDA"))
         rows.append(missing("CUDA-graph step vs eager, N=1024", graph_goal, "needs CUDA"))
         rows.append(missing("host syncs in a MoLo step", "0", "needs CUDA"))
-    return rows
 
 
 def hide_profiles(quick: bool):
@@ -229,7 +227,7 @@ def peak_extra_bytes(step, inputs_and_grads: int) -> int:
     return torch.cuda.max_memory_allocated() - base - inputs_and_grads
 
 
-def infonce_table(quick: bool, rounds: int):
+def infonce_table(quick: bool, rounds: int, rows: list):
     """Each MoLo dual InfoNCE path (auto's; on CUDA also the fused Triton tiles of the
     triton backend) against ClipLoss and Inf-CL, same inputs, same run."""
     d = 64 if quick else 768
@@ -238,7 +236,6 @@ def infonce_table(quick: bool, rounds: int):
     paths = {"himo_fast": backends.select("auto", DEVICE).name}
     if "himo_fast_triton" in losses.IMPLS:
         paths["himo_fast_triton"] = "triton"
-    rows = []
     clip = median_ms(loss_step("clip_loss", n, n, d, dtype), rounds)
     try:
         import inf_cl  # noqa: F401
@@ -310,7 +307,32 @@ def infonce_table(quick: bool, rounds: int):
             rows.append(row(name, t, "<= 0.1 ms", t <= 0.1, "ms"))
         except Exception as e:  # not capturable: say why
             rows.append(row(name, None, "<= 0.1 ms", False, note=f"capture failed: {e}"[:200]))
-    return rows
+
+
+def line(r) -> str:
+    value = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
+    met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+    return f"{r['measure']:<72} {value:>12} {r['goal']:>26}  {met}  {r['note']}"
+
+
+class LiveRows(list):
+    """A table's rows, each printed and written to the JSON as soon as it is measured, so
+    that a run cut off at its time limit (a device call's) keeps what it measured."""
+
+    def __init__(self, info, path=None):
+        super().__init__()
+        self.info, self.path = info, path
+
+    def append(self, r):
+        super().append(r)
+        print(line(r), flush=True)
+        self.save()
+
+    def save(self, profiles=()):
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(dict(info=self.info, rows=list(self), profiles=list(profiles)), f,
+                          indent=1)
 
 
 def main(argv=None):
@@ -332,21 +354,18 @@ def main(argv=None):
         info["triton"] = triton.__version__
     except ImportError:
         pass
-    rows = (hide_table if a.table == "hide" else infonce_table)(a.quick, rounds)
     print(json.dumps(info))
-    print(f"{'measure':<72} {'value':>12} {'goal':>26}  met")
+    rows = LiveRows(info, a.json)
+    (hide_table if a.table == "hide" else infonce_table)(a.quick, rounds, rows)
+    print(f"\n{'measure':<72} {'value':>12} {'goal':>26}  met")
     for r in rows:
-        value = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
-        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-        print(f"{r['measure']:<72} {value:>12} {r['goal']:>26}  {met}  {r['note']}")
+        print(line(r))
     profiles = hide_profiles(a.quick) if a.profile and a.table == "hide" else []
     for pr in profiles:
         print(f"HiDe fwd+bwd N={pr['n']} d={pr['d']} {pr['backend']}: {pr['total_us']:.0f} us "
               f"in {pr['launches']} launches; largest (name, launches, us each): {pr['kernels']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(info=info, rows=rows, profiles=profiles), f, indent=1)
-    return rows
+    rows.save(profiles)
+    return list(rows)
 
 
 if __name__ == "__main__":
