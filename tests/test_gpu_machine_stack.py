@@ -60,6 +60,14 @@ def test_suite_on_the_gpu_machines_torch(tmp_path):
     built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                            cwd=src, env=env, capture_output=True, text=True, timeout=1800)
     assert built.returncode == 0, f"build against torch {version}:\n{built.stderr[-5000:]}"
+    # the copy's extension on that torch, not the installed one (else its tests would skip)
+    probe = ("import torch, himo_fast, himo_fast._C; "
+             "print(torch.__version__, himo_fast.__file__, himo_fast.available_backends('cpu'))")
+    seen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert seen.stdout.startswith(version) and str(src) in seen.stdout, seen.stdout
+    assert "'cpu'" in seen.stdout, seen.stdout
     tests = sorted(p.name for p in (src / "tests").glob("test_*.py") if p.name not in SKIPPED)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "-rfE",
