@@ -197,10 +197,10 @@ def _triton_subspace(small, tau, gram):
 def _pca_captures_well(k: int, tau: float) -> bool:
     """Whether _triton_subspace on a k x k matrix at τ is as fast in a CUDA graph (its
     stages' graphs) as eagerly: where both run the same route (the Triton solver up to
-    kernels.eigh.SMALL_MAX, subspace iteration where it applies), and up to SYEV_BATCHED_CAPTURE_MAX, where the captured
-    XsyevBatched ran at syevd's speed (H100, 2026-11-23). Elsewhere eagerly syevd runs,
-    and what captures is slower (Jacobi, ≈ 230 ms at 768) or not measured (the grid
-    reduction, predicted about even at 768)."""
+    kernels.eigh.SMALL_MAX, subspace iteration where it applies), and up to
+    SYEV_BATCHED_CAPTURE_MAX, where the captured XsyevBatched ran at syevd's speed (H100,
+    2026-11-23). Elsewhere eagerly syevd runs, and what captures is slower (Jacobi,
+    ≈ 230 ms at 768) or not measured (the grid reduction, predicted about even at 768)."""
     from . import kernels
     return (k <= kernels.eigh.SMALL_MAX or _subspace_iteration_applies(k, tau)
             or (ops.SYM_EIGH_ON_CUDA and k <= SYEV_BATCHED_CAPTURE_MAX))

@@ -306,10 +306,10 @@ def test_triton_backend_has_graphs_on_cuda_only(monkeypatch):
 
 def _cuda_route(device, cuda_case, cpu_case):
     """(graph cache, case, HiDe's ops, a call that forbids host syncs) for this device."""
-    if device.type == "cuda":
-        return graphs.GraphCache(), cuda_case, backends.triton_hide_ops("cuda"), _no_sync
-    n, d = cpu_case[:2]
     ops = backends.triton_hide_ops("cuda")
+    if device.type == "cuda":
+        return graphs.GraphCache(), cuda_case, ops, _no_sync
+    n, d = cpu_case[:2]
     if min(n, d) > 64:
         # Subspace iteration (block 96, certified at 500 x 200 in test_subspace_iteration.py)
         # on torch's products, its steps' torch twins and LAPACK: interpreted, the Triton
