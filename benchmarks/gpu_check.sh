@@ -16,7 +16,8 @@
 # 15 minutes of device time: benchmarks/README.md's runbook picks the stages.
 # Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
 # tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
-# that folder is there (see benchmarks/README.md). TESTS="NAME ..." runs only those
+# that folder is there (see benchmarks/README.md); so is himo_fast itself when
+# .whl/himo_fast holds a wheel built from this source (benchmarks/fetch_wheels.sh). TESTS="NAME ..." runs only those
 # tests/test_NAME.py (XDIST=N processes where pytest-xdist is there, default 8, 0: one
 # pytest per file); BENCH_K passes `-k` to the loss benchmarks; EIGH_SIZES the sizes of
 # probe_eigh.
@@ -35,15 +36,23 @@ here=$PWD
 
 stage_build() {
   if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
   fi
   # What this Python links extensions with (a static libstdc++ here once crashed _C).
   python3 -c "import sysconfig as s; print('LDSHARED:', s.get_config_var('LDSHARED'))"
   # BUILD=0 on a machine still warm from a call that built: keep that install (a minute).
+  local prebuilt=(.whl/himo_fast/himo_fast-*.whl)
   if [ "${BUILD:-1}" = 0 ] && (cd /tmp && python3 -c "import himo_fast._C" 2>/dev/null); then
     echo "BUILD=0: the himo_fast installed by an earlier call, not rebuilt"
+  elif [ -f "${prebuilt[0]}" ] \
+      && [ "$(bash benchmarks/source_hash.sh)" = "$(cat .whl/himo_fast/source.sha256)" ] \
+      && python3 -m pip install -q --no-index --no-deps --force-reinstall "${prebuilt[0]}" \
+      && (cd /tmp && python3 -c "import himo_fast._C as c; assert c.built_with_cuda()"); then
+    # fetch_wheels.sh built it from this very source for this machine's Python and torch
+    echo "prebuilt: $(basename "${prebuilt[0]}") (source hash matches), not compiled"
   else
+    [ -f "${prebuilt[0]}" ] && echo "prebuilt wheel not used (another source, or it did not import): compiling"
     # Only the GPU at hand's architecture: the build is what a user's `pip install .` does.
     MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps . 2>&1 \
       | grep -E "definition of|static-lib|^error|Error" | cut -c1-300 | head -12
@@ -162,7 +171,8 @@ stage_train() {  # python -m himo_fast.train on the GPU: 2 epochs of the generat
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -2
-  for s in build "${stages[@]}"; do
+  for s in build "${stages[@]/#build/}"; do
+    [ -z "$s" ] && continue  # `build` named: it already ran first
     echo "## $s"
     t0=$(date +%s)
     "stage_$s"
