@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from gpu_stack import STACK, environ, python
+
 pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_for_sm90.py")
@@ -19,18 +21,13 @@ KERNELS = ("_centre_kernel", "_syrk_kernel", "_matmul_bias_kernel", "_jacobi_rot
 
 
 # The GPU machine's Triton, another version than the one installed here, in triton/ of
-# $HIMO_FAST_GPU_STACK (tests/test_gpu_machine_stack.py; .ci/run installs it). Triton 3.6
-# rejected a float64 tl.dot that 3.8 compiles, so each version is compiled for.
-STACK = os.environ.get("HIMO_FAST_GPU_STACK", "")
-
-
-def compile_all(triton_path=""):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if triton_path:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
-    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"],
+# $HIMO_FAST_GPU_STACK (gpu_stack.py; .ci/run installs it), run by that stack's Python.
+# Triton 3.6 rejected a float64 tl.dot that 3.8 compiles, so each version is compiled for.
+def compile_all(executable=sys.executable, env=None):
+    env = {k: v for k, v in (env or os.environ).items() if k != "TRITON_INTERPRET"}
+    version = subprocess.run([executable, "-c", "import triton; print(triton.__version__)"],
                              capture_output=True, text=True, env=env, check=True).stdout.strip()
-    done = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,
+    done = subprocess.run([executable, SCRIPT], capture_output=True, text=True, timeout=600,
                           env=env)
     assert done.returncode == 0, f"triton {version}:\n{done.stdout}{done.stderr}"
     compiled = [line.split()[0] for line in done.stdout.splitlines()]
@@ -55,5 +52,5 @@ def test_every_kernel_compiles_for_sm90():
 def test_every_kernel_compiles_for_sm90_with_the_gpu_machines_triton():
     import triton
     path = os.path.join(STACK, "triton")
-    version = compile_all(path)
+    version = compile_all(python(), environ(path))
     assert version != triton.__version__, f"{path} holds the installed triton {version}"
