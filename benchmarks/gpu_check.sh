@@ -17,10 +17,10 @@
 # Packages the machine lacks (open_clip_torch, ftfy, wcwidth, and for
 # tests/test_train.py webdataset<=0.2.86, braceexpand) are installed from ./.whl when
 # that folder is there (see benchmarks/README.md); so is himo_fast itself when
-# .whl/himo_fast holds a wheel built from this source (benchmarks/fetch_wheels.sh). TESTS="NAME ..." runs only those
-# tests/test_NAME.py (XDIST=N processes where pytest-xdist is there, default 8, 0: one
-# pytest per file); BENCH_K passes `-k` to the loss benchmarks; EIGH_SIZES the sizes of
-# probe_eigh.
+# .whl/himo_fast holds a wheel built from this source (benchmarks/fetch_wheels.sh).
+# TESTS="NAME ..." runs only those tests/test_NAME.py (XDIST=N processes where
+# pytest-xdist is there, default 8, 0: one pytest per file); BENCH_K passes `-k` to the
+# loss benchmarks; EIGH_SIZES the sizes of probe_eigh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
