@@ -92,6 +92,18 @@ def cusolver():
     return None
 
 
+def cusolver_rpaths(lib):
+    """Where _C looks for cuSOLVER at run time (torch loads it only on first use): where it
+    was found, and, for torch's pip CUDA wheels (site-packages/nvidia/...), the same folder
+    relative to the installed package, so that a wheel built on one machine (the GPU call's
+    prebuilt one, benchmarks/fetch_wheels.sh) finds that machine's."""
+    site = Path(torch.__file__).resolve().parent.parent
+    try:
+        return [f"$ORIGIN/../{lib.parent.resolve().relative_to(site)}", str(lib.parent)]
+    except ValueError:  # the toolkit's
+        return [str(lib.parent)]
+
+
 def extension():
     sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp", "csrc/sym_eigh.cpp"]
     # No FMA contraction: the forward's s·dot - max and the backward's s·dot - lse must
@@ -119,7 +131,7 @@ def extension():
             cxx.append("-DHIMO_WITH_CUSOLVER")
             extra["nvcc"].append("-DHIMO_WITH_CUSOLVER")
             include_dirs.append(str(inc))
-            link += [str(lib), f"-Wl,-rpath,{lib.parent}"]
+            link += [str(lib)] + [f"-Wl,-rpath,{d}" for d in cusolver_rpaths(lib)]
         cls = cpp_extension.CUDAExtension
     else:
         cls = cpp_extension.CppExtension
