@@ -105,7 +105,8 @@ def cusolver_rpaths(lib):
 
 
 def extension():
-    sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp", "csrc/sym_eigh.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/dual_infonce.cpp", "csrc/dual_infonce_tiles.cpp",
+               "csrc/sym_eigh.cpp"]
     # No FMA contraction: the forward's s·dot - max and the backward's s·dot - lse must
     # round the same way, or a softmax that should be exactly 1 is not (tile_math.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + cpu_vector_flags()
@@ -120,7 +121,7 @@ def extension():
         # of a static libstdc++.a is pulled in, whatever flags the toolchain adds.
         link.append("-l:libstdc++.so.6")
     if with_cuda():
-        sources.append("csrc/dual_infonce_cuda.cu")
+        sources += ["csrc/dual_infonce_cuda.cu", "csrc/dual_infonce_tiles_cuda.cu"]
         cxx.append("-DHIMO_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-DHIMO_WITH_CUDA", "--fmad=false"] + [
             gencode(a) for a in cuda_archs()]

@@ -229,13 +229,17 @@ def peak_extra_bytes(step, inputs_and_grads: int) -> int:
 
 def infonce_table(quick: bool, rounds: int, rows: list):
     """Each MoLo dual InfoNCE path (auto's; on CUDA also the fused Triton tiles of the
-    triton backend) against ClipLoss and Inf-CL, same inputs, same run."""
+    triton backend and the cuda backend's fused CUDA C++ tiles) against ClipLoss and
+    Inf-CL, same inputs, same run."""
     d = 64 if quick else 768
     n = 256 if quick else 65536
     dtype = torch.bfloat16 if CUDA else torch.float32
-    paths = {"himo_fast": backends.select("auto", DEVICE).name}
+    # impl of benchmarks/test_losses.py -> (backend, the cuda backend's route or None)
+    paths = {"himo_fast": (backends.select("auto", DEVICE).name, None)}
     if "himo_fast_triton" in losses.IMPLS:
-        paths["himo_fast_triton"] = "triton"
+        paths["himo_fast_triton"] = ("triton", None)
+    if "himo_fast_cuda_tiles" in losses.IMPLS and "cuda" in himo_fast.available_backends(DEVICE):
+        paths["himo_fast_cuda_tiles"] = ("cuda", "tiles")
     clip = median_ms(loss_step("clip_loss", n, n, d, dtype), rounds)
     try:
         import inf_cl  # noqa: F401
@@ -250,8 +254,8 @@ def infonce_table(quick: bool, rounds: int, rows: list):
     big = 1024 if quick else 262144
     b, cols = (16, 128) if quick else (128, 1024)
     replays = {}
-    for impl_name, backend in paths.items():
-        who = f"MoLo ({backend})"
+    for impl_name, (backend, route) in paths.items():
+        who = f"MoLo ({backend}{' ' + route if route else ''})"
         ours = median_ms(loss_step(impl_name, n, n, d, dtype), rounds)
         rows.append(row(f"N={n}, d={d}: {who} vs ClipLoss (one branch)", ours / clip, "<= 1.0x",
                         ours / clip <= 1.0, "x", f"{ours:.2f} ms vs {clip:.2f} ms"))
@@ -287,9 +291,11 @@ def infonce_table(quick: bool, rounds: int, rows: list):
         all_c = torch.cat([others.to(dtype), comp])
         s = torch.tensor(100.0, device=DEVICE, requires_grad=True)
 
-        def infonce():
-            g, c = impl.dual_infonce(((vl, ul), (vl, comp)), ((all_v, all_u), (all_v, all_c)), s,
-                                     cols - b, 0.1)
+        # (bound now: the replays below run after the loop has moved on)
+        def infonce(impl=impl, route=route, pairs=((vl, ul), (vl, comp)),
+                    gathered=((all_v, all_u), (all_v, all_c))):
+            with backends.cuda_route(route) if route else contextlib.nullcontext():
+                g, c = impl.dual_infonce(pairs, gathered, s, cols - b, 0.1)
             (g + c).backward()
         t = median_ms(infonce, rounds)
         rows.append(row(f"paper-rank InfoNCE part ({b} x {cols}, both branches), {who}", t,

@@ -7,7 +7,8 @@
 #   (bench = bench_hide + bench_losses; demo = python -m himo_fast.demo --preset gpu, its
 #   results.json and curves.png copied next to the results file; train = the training
 #   command end to end, 2 epochs amp_bf16 on the generated dataset; goals_* = the goal
-#   tables of issues 15 (HiDe) and 16 (dual InfoNCE, with Inf-CL), benchmarks/goals.py;
+#   tables of issues 15 (HiDe) and 16 (dual InfoNCE: strips, Triton tiles, CUDA C++ tiles,
+#   with Inf-CL), benchmarks/goals.py;
 #   tiles_infonce = the fused Triton InfoNCE's tile sweep, benchmarks/infonce_tiles.py)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
 # bare; BUILD=0 keeps what an earlier call on the same warm machine installed from the
@@ -81,12 +82,16 @@ stage_tests() {  # the whole suite: GPU tests and the Triton kernels run compile
   done
 }
 
-stage_memcheck() {  # d=96: the fused InfoNCE's recompute route; d=300: its strip route
-  for run in "cuda 96" "triton 96" "triton 300"; do
+stage_memcheck() {  # cuda: its strips, and in bf16 its CUDA C++ tiles (d=96: 16-byte
+  # loads, d=100: scalar ones); triton d=96: the fused InfoNCE's recompute route, d=300: its
+  # strip route
+  for run in "cuda 96 float32 strips" "cuda 96 bfloat16 tiles" "cuda 100 float16 tiles" \
+      "triton 96 float32 strips" "triton 300 float32 strips"; do
     set -- $run
-    (cd /tmp && timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m himo_fast --device cuda --n 257 --d $2 --steps 1 --backend $1 2>&1 | tail -4
-     echo "memcheck $1 d=$2: rc=${PIPESTATUS[0]}")
+    (cd /tmp && HIMO_FAST_CUDA_ROUTE=$4 timeout 150 compute-sanitizer --tool memcheck \
+      --error-exitcode 1 python3 -m himo_fast --device cuda --n 257 --d $2 --dtype $3 --steps 1 \
+      --backend $1 2>&1 | tail -4
+     echo "memcheck $1 d=$2 $3 (cuda route $4): rc=${PIPESTATUS[0]}")
   done
 }
 
@@ -97,6 +102,9 @@ stage_timing() {  # forward+backward per step, median (python -m himo_fast)
   done
   timeout 150 python3 -m himo_fast --device cuda --n 65536 --d 768 --dtype bfloat16 --steps 5 \
     --backend cuda --backend triton
+  echo "the cuda backend with HIMO_FAST_CUDA_ROUTE=tiles (its CUDA C++ tiles):"
+  HIMO_FAST_CUDA_ROUTE=tiles timeout 150 python3 -m himo_fast --device cuda --n 65536 --d 768 \
+    --dtype bfloat16 --steps 5 --backend cuda
   # The step as one CUDA graph (HiDe's eigensolver: Jacobi kernels while capturing).
   for n in 1024 65536; do
     timeout 150 python3 -m himo_fast --device cuda --n $n --d 768 --dtype bfloat16 --steps 10 \

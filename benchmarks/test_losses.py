@@ -118,10 +118,23 @@ def _inf_cl(B, N, both_branches=False):
     return step
 
 
+def _cuda_tiles(B, N):
+    """The cuda backend with its fused tile route (csrc/dual_infonce_tiles_cuda.cu) for
+    the bf16 dual InfoNCE, instead of auto's strips."""
+    step = _himo(B, N, backend="cuda")
+
+    def run(*args):
+        with backends.cuda_route("tiles"):  # the backward keeps its forward's route
+            return step(*args)
+    return run
+
+
 IMPLS = {"himo_fast": _himo, "official": _official, "clip_loss": _clip}
 if DEVICE == "cuda":
-    # The fused Triton dual InfoNCE (kernels/infonce.py) beside auto's strip driver.
+    # The fused dual InfoNCEs beside auto's strip driver: Triton tiles (kernels/infonce.py)
+    # and CUDA C++ tiles.
     IMPLS["himo_fast_triton"] = lambda B, N: _himo(B, N, backend="triton")
+    IMPLS["himo_fast_cuda_tiles"] = _cuda_tiles
     IMPLS["official_compiled"] = lambda B, N: torch.compile(_official(B, N))
     IMPLS["inf_cl"] = _inf_cl
     IMPLS["inf_cl_dual"] = lambda B, N: _inf_cl(B, N, both_branches=True)

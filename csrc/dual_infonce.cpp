@@ -198,21 +198,34 @@ int64_t strip_rows(const Device& dev, int64_t rows, int64_t cols, int64_t reques
 }
 
 // Row nll = logsumexp - ref of s·R·Cᵀ and, when asked, the same for every column (the
-// square case: the transposed matrix's rows come from the same strips).
-// keep: defined (B x N) to keep the logits' dot products for the backward.
+// square case: the transposed matrix's rows come from the same strips or tiles).
+// keep: defined (B x N) to keep the logits' dot products for the backward. tiled: the
+// fused route (TileKernels), whose label logits are ref_rows (row r's at column
+// label_offset + r).
 void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
                  const at::Tensor& scale, const at::Tensor& ref_rows, at::Tensor nll_rows,
-                 const at::Tensor& ref_cols, at::Tensor* nll_cols, int64_t requested_rows,
-                 const at::Tensor& keep) {
+                 const at::Tensor& ref_cols, at::Tensor* nll_cols, int64_t label_offset,
+                 int64_t requested_rows, const at::Tensor& keep, bool tiled) {
   const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
-  const int64_t step = strip_rows(dev, B, N, requested_rows);
   const auto acc = scale.scalar_type();
   at::Tensor col_max, col_sum;
   if (nll_cols != nullptr) {
     col_max = at::full({N}, -std::numeric_limits<double>::infinity(), R.options().dtype(acc));
     col_sum = at::zeros({N}, R.options().dtype(acc));
   }
+  if (tiled) {
+    const int64_t step = requested_rows > 0 ? requested_rows : dev.tiles.lse_rows;
+    for (int64_t r0 = 0; r0 < B; r0 += step) {
+      const int64_t rn = std::min(step, B - r0);
+      at::Tensor out = nll_rows.narrow(0, r0, rn);
+      dev.tiles.lse(R.narrow(0, r0, rn), C, scale, ref_rows.narrow(0, r0, rn), label_offset + r0,
+                    out, col_max, col_sum);
+    }
+    if (nll_cols != nullptr) *nll_cols = (col_max - ref_cols) + at::log(col_sum);
+    return;
+  }
+  const int64_t step = strip_rows(dev, B, N, requested_rows);
   const at::Tensor Ct = C.t();
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
@@ -231,13 +244,14 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
 }
 
 // Gradients with respect to R, C and the scale of sum_r gp[r] lse[r] - sum_rj c_rj s R_r·C_j
-// over the rows (and the columns when cols is defined), recomputing each strip of logits
-// (or copying it from `kept`, the forward's, when defined). dR is overwritten, dC
-// accumulated into.
+// over the rows (and the columns when cols is defined), from strips of the weights W: each
+// strip of logits recomputed (or copied from `kept`, the forward's, when defined) and
+// turned into W in place, or, tiled, W written directly by the tile kernel in R's dtype.
+// dR is overwritten, dC accumulated into.
 void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
                   const at::Tensor& scale, const Side& rows, const Side& cols,
                   int64_t label_offset, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
-                  int64_t requested_rows, const at::Tensor& kept) {
+                  int64_t requested_rows, const at::Tensor& kept, bool tiled) {
   const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(dev, B, N, requested_rows);
@@ -245,18 +259,24 @@ void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
   const bool low_precision = R.scalar_type() != acc;
   const at::Tensor Ct = C.t();
   at::Tensor ds_rows = at::empty({step}, R.options().dtype(acc));
+  const at::Tensor w_strip = tiled ? at::empty({step, N}, R.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
     const at::Tensor Rb = R.narrow(0, r0, rn);
-    // A copy of the kept strip: ce_grad works in place, and the saved logits must survive
-    // for a second backward (retain_graph).
-    at::Tensor w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct, acc);
-    at::Tensor ds = ds_rows.narrow(0, 0, rn);
-    k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
+    at::Tensor ds = ds_rows.narrow(0, 0, rn), w;
+    if (tiled) {
+      w = w_strip.narrow(0, 0, rn);
+      dev.tiles.weights(Rb, C, scale, rows.narrow(r0, rn), cols, label_offset + r0, w, ds);
+    } else {
+      // A copy of the kept strip: ce_grad works in place, and the saved logits must
+      // survive for a second backward (retain_graph).
+      w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct, acc);
+      k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
+    }
     dscale.add_(ds.sum());
     // Like flash-attention, the weights go back to the input precision for the
-    // tensor-core products; accumulation stays in fp32.
-    const at::Tensor wm = low_precision ? w.to(R.scalar_type()) : w;
+    // tensor-core products (the tile kernel writes them so); accumulation stays in fp32.
+    const at::Tensor wm = w.scalar_type() != R.scalar_type() ? w.to(R.scalar_type()) : w;
     if (low_precision) {
       dR.narrow(0, r0, rn).copy_(at::mm(wm, C, acc));
       dC.add_(at::mm(wm.t(), Rb, acc));
@@ -384,7 +404,7 @@ at::Tensor kept_part(const at::Tensor& kept, int64_t i) {
 // keep: [jobs, B, N] for this branch's logits (one job square, two otherwise), or undefined.
 void branch_forward(const Device& dev, const Branch& br, const at::Tensor& s, int64_t offset,
                     double eps, at::Tensor ce_ab, at::Tensor ce_ba, at::Tensor nll_ab,
-                    at::Tensor nll_ba, int64_t strip, const at::Tensor& keep) {
+                    at::Tensor nll_ba, int64_t strip, const at::Tensor& keep, bool tiled) {
   auto job = [&](int64_t j) { return kept_part(keep, j); };
   const auto acc = s.scalar_type();
   const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps, acc);
@@ -393,11 +413,13 @@ void branch_forward(const Device& dev, const Branch& br, const at::Tensor& s, in
   if (br.square) {
     // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
     at::Tensor cols;
-    job_forward(dev, br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, strip, job(0));
+    job_forward(dev, br.a_r, br.b_r, s, ref_ab, nll_ab, ref_ba, &cols, 0, strip, job(0), tiled);
     nll_ba.copy_(cols);
   } else {
-    job_forward(dev, br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, strip, job(0));
-    job_forward(dev, br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, strip, job(1));
+    job_forward(dev, br.a_r, br.b_c, s, ref_ab, nll_ab, at::Tensor(), nullptr, offset, strip,
+                job(0), tiled);
+    job_forward(dev, br.b_r, br.a_c, s, ref_ba, nll_ba, at::Tensor(), nullptr, offset, strip,
+                job(1), tiled);
   }
   ce_ab.copy_(smoothed(nll_ab, t_ab, s, eps));
   ce_ba.copy_(smoothed(nll_ba, t_ba, s, eps));
@@ -418,7 +440,7 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
                                         int64_t offset, double eps, const at::Tensor& nll,
                                         const at::Tensor& g_ce, const at::Tensor& g_nll,
                                         at::Tensor& dscale, int64_t strip,
-                                        const at::Tensor& kept) {
+                                        const at::Tensor& kept, bool tiled) {
   auto job = [&](int64_t j) { return kept_part(kept, j); };
   const auto opts = br.a_r.options().dtype(s.scalar_type());
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
@@ -428,13 +450,15 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1]);
   if (br.square) {
     at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
-    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0));
+    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled);
     return {cast(d_a), cast(d_b)};
   }
   at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
-  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0));
+  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0),
+               tiled);
   at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
-  job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1));
+  job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1),
+               tiled);
   return {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)};
 }
 
@@ -447,20 +471,33 @@ at::Tensor per_branch_logits(const at::Tensor& logits, const Inputs& in) {
   return logits.view({2, jobs_per_branch(in), in.B, in.N});
 }
 
+// Whether the op takes the fused route (TileKernels). A route the device or dtype does
+// not have is an error, never a silent fallback to the other.
+bool tiled_route(const Device& dev, c10::string_view route, at::ScalarType features) {
+  TORCH_CHECK_VALUE(route == "strips" || route == "tiles",
+                    "himo_fast dual_ce: route must be 'strips' or 'tiles', got '",
+                    std::string(route), "'");
+  if (route == "strips") return false;
+  TORCH_CHECK_TYPE(dev.tiles.accepts(features), "himo_fast dual_ce: the ", dev.name,
+                   " tiles route takes ", dev.tiles.dtypes, " features, got ", features);
+  return true;
+}
+
 bool cpu_accepts(at::ScalarType features, at::ScalarType acc) { return features == acc; }
 
 }  // namespace
 
 const Device& cpu_device() {
-  static const Device d{{cpu_row_nll, cpu_col_merge, cpu_ce_grad}, kCpuStripElements, "CPU",
-                        cpu_accepts, "float32 or float64, in the scale's dtype"};
+  static const Device d{{cpu_row_nll, cpu_col_merge, cpu_ce_grad}, cpu_tile_kernels(),
+                        kCpuStripElements, "CPU", cpu_accepts,
+                        "float32 or float64, in the scale's dtype"};
   return d;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
     const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
     const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
-    int64_t strip) {
+    int64_t strip, c10::string_view route) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
@@ -469,14 +506,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
   const auto opts = in.global.a_r.options().dtype(in.acc);
   at::Tensor ce = at::empty({4, in.B}, opts), nll = at::empty({4, in.B}, opts);
   const int64_t jobs = jobs_per_branch(in);
+  const bool tiled = tiled_route(device, route, in.global.a_r.scalar_type());
   TORCH_CHECK_VALUE(!keep_logits || in.global.a_r.scalar_type() == in.acc,
                     "himo_fast dual_ce: keep_logits needs inputs in the accumulation dtype");
+  TORCH_CHECK_VALUE(!(keep_logits && tiled),
+                    "himo_fast dual_ce: keep_logits needs the strips route (tiles keep none)");
   at::Tensor logits = keep_logits ? at::empty({2 * jobs, in.B, in.N}, opts) : at::empty({0}, opts);
   const at::Tensor per_branch = per_branch_logits(logits, in);
   branch_forward(device, in.global, s, label_offset, label_smoothing, ce[0], ce[1], nll[0],
-                 nll[1], strip, kept_part(per_branch, 0));
+                 nll[1], strip, kept_part(per_branch, 0), tiled);
   branch_forward(device, in.comp, s, label_offset, label_smoothing, ce[2], ce[3], nll[2],
-                 nll[3], strip, kept_part(per_branch, 1));
+                 nll[3], strip, kept_part(per_branch, 1), tiled);
   return {ce, nll, logits};
 }
 
@@ -484,7 +524,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
     const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
     const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
     at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip) {
+    double label_smoothing, int64_t strip, c10::string_view route) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
@@ -495,6 +535,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
                     "himo_fast dual_ce_backward: nll, grad_ce and grad_nll must have shape [4, ",
                     in.B, "], got ", nll.sizes(), ", ", grad_ce.sizes(), " and ", grad_nll.sizes());
   const int64_t jobs = jobs_per_branch(in);
+  const bool tiled = tiled_route(device, route, in.global.a_r.scalar_type());
+  TORCH_CHECK_VALUE(logits.numel() == 0 || !tiled,
+                    "himo_fast dual_ce_backward: the tiles route takes no kept logits");
   TORCH_CHECK_VALUE(logits.numel() == 0 ||
                         (logits.sizes() == at::IntArrayRef({2 * jobs, in.B, in.N}) &&
                          logits.scalar_type() == in.acc && logits.is_contiguous() &&
@@ -508,9 +551,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
   at::Tensor dscale = at::zeros({}, in.global.a_r.options().dtype(in.acc));
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
   auto g = branch_backward(device, in.global, s, label_offset, label_smoothing, two(l, 0),
-                           two(g_ce, 0), two(g_nll, 0), dscale, strip, kept_part(per_branch, 0));
+                           two(g_ce, 0), two(g_nll, 0), dscale, strip, kept_part(per_branch, 0),
+                           tiled);
   auto c = branch_backward(device, in.comp, s, label_offset, label_smoothing, two(l, 2),
-                           two(g_ce, 2), two(g_nll, 2), dscale, strip, kept_part(per_branch, 1));
+                           two(g_ce, 2), two(g_nll, 2), dscale, strip, kept_part(per_branch, 1),
+                           tiled);
   return {g, c, dscale};
 }
 

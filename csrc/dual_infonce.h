@@ -12,6 +12,8 @@
 
 #include <ATen/ATen.h>
 
+#include "logit_tile.h"
+
 namespace himo {
 
 // Per-row (or per-column) data of the backward of one logit matrix: the saved
@@ -27,6 +29,14 @@ struct Side {
   }
 };
 
+// A side's statistics as the tile epilogue reads them (absent: all null).
+template <typename acc_t>
+tiles::SideView<acc_t> side_view(const Side& side) {
+  if (!side.nll.defined()) return {};
+  return {side.nll.data_ptr<acc_t>(), side.ref.data_ptr<acc_t>(), side.gp.data_ptr<acc_t>(),
+          side.c_off.data_ptr<acc_t>(), side.c_label.data_ptr<acc_t>()};
+}
+
 struct StripKernels {
   // out[r] = logsumexp_j(scale * dots[r, j]) - ref[r] for each row of `dots` (rows x len).
   void (*row_nll)(const at::Tensor& dots, const at::Tensor& scale, const at::Tensor& ref,
@@ -41,10 +51,31 @@ struct StripKernels {
                   const Side& cols, int64_t label_col0, at::Tensor& ds_rows);
 };
 
+// The fused route ("tiles", logit_tile.h): the logits exist only tile by tile, in shared
+// memory (CUDA) or a tile buffer (the CPU twin), never as a strip in memory. Row r of R
+// has its label at column label_col0 + r, whose logit is taken as ref[r] (rows.ref in the
+// backward), the same value everywhere.
+struct TileKernels {
+  // nll[r] = logsumexp_j(x_rj) - ref[r] of x = s·R·Cᵀ; with col_max defined (the square
+  // case), each column's (max, sum of exp) over these rows merged into col_max, col_sum.
+  void (*lse)(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
+              const at::Tensor& ref, int64_t label_col0, at::Tensor& nll, at::Tensor& col_max,
+              at::Tensor& col_sum);
+  // StripKernels::ce_grad's weights, written to w ([rows of R, columns of C], R's dtype)
+  // from recomputed tiles, with ds_rows[r] = Σ_j W·dot.
+  void (*weights)(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
+                  const Side& rows, const Side& cols, int64_t label_col0, at::Tensor& w,
+                  at::Tensor& ds_rows);
+  int64_t lse_rows;  // rows per lse call (its column partials: 2 x lse_rows / kM x N)
+  bool (*accepts)(at::ScalarType features);
+  const char* dtypes;  // what it accepts, for the error message
+};
+
 // What differs between devices; everything else in the driver is device-agnostic. Each
 // device's op entry points (registered per dispatch key in ops.cpp) pass theirs.
 struct Device {
   StripKernels strips;
+  TileKernels tiles;
   int64_t strip_elements;  // bound on one strip of logits (rows x columns)
   const char* name;
   bool (*accepts)(at::ScalarType features, at::ScalarType acc);  // input dtypes
@@ -62,22 +93,27 @@ struct Device {
 // (saved for the backward). logits: with keep_logits, the unscaled dot products of every
 // GEMM of the forward, [2 or 4, B, N], for the backward to skip its recompute; else
 // empty. strip_rows > 0 forces the strip height (tests); 0 picks it from the device bound.
+// route: "strips" (GEMM strips of logits, then the StripKernels) or "tiles" (TileKernels;
+// keeps no logits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
     const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
     const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
-    int64_t strip_rows);
+    int64_t strip_rows, c10::string_view route);
 
 // Gradients of each branch's tensors (same order, same count) and of the scale.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce_backward(
     const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
     const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
     at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip_rows);
+    double label_smoothing, int64_t strip_rows, c10::string_view route);
 
-// The devices (dual_infonce.cpp, dual_infonce_cuda.cu).
+// The devices (dual_infonce.cpp, dual_infonce_cuda.cu) and their tile kernels
+// (dual_infonce_tiles.cpp, the CPU twin; dual_infonce_tiles_cuda.cu).
 const Device& cpu_device();
+TileKernels cpu_tile_kernels();
 #ifdef HIMO_WITH_CUDA
 const Device& cuda_device();
+TileKernels cuda_tile_kernels();
 #endif
 
 }  // namespace himo

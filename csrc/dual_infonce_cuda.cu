@@ -65,14 +65,10 @@ __global__ void col_merge_kernel(const float* __restrict__ dots, int64_t rows, i
   csum[j] = st.sum;
 }
 
-// Per-row (per-column) backward data of ce_weight (tile_math.h); nll null: absent.
-struct SidePtrs {
-  const float *nll, *ref, *gp, *c_off, *c_label;
-};
-
 // One block per row: cross-entropy weights in place, ds_rows[r] = sum_j weight * dot.
 __global__ void ce_grad_kernel(float* __restrict__ dots, int64_t cols,
-                               const float* __restrict__ scale, SidePtrs R, SidePtrs C,
+                               const float* __restrict__ scale, tiles::SideView<float> R,
+                               tiles::SideView<float> C,
                                int64_t label_col0, float* __restrict__ ds_rows) {
   __shared__ float spart[kWarps];
   const float s = *scale;
@@ -85,8 +81,7 @@ __global__ void ce_grad_kernel(float* __restrict__ dots, int64_t cols,
     const float dot = row[j], x = s * dot;
     const bool at_label = j == label;
     float w = ce_weight(x, ref, nll, gp, at_label ? c_label : c_off);
-    if (C.nll != nullptr)
-      w += ce_weight(x, C.ref[j], C.nll[j], C.gp[j], at_label ? C.c_label[j] : C.c_off[j]);
+    if (C.nll != nullptr) w += C.weight(j, x, at_label);
     ds += w * dot;
     row[j] = w;
   }
@@ -126,18 +121,12 @@ void cuda_col_merge(const at::Tensor& dots, const at::Tensor& scale, at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-SidePtrs side_ptrs(const Side& side) {
-  if (!side.nll.defined()) return {};
-  return {side.nll.data_ptr<float>(), side.ref.data_ptr<float>(), side.gp.data_ptr<float>(),
-          side.c_off.data_ptr<float>(), side.c_label.data_ptr<float>()};
-}
-
 void cuda_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, const Side& cols,
                   int64_t label_col0, at::Tensor& ds_rows) {
   check_float(dots, "dots");
   ce_grad_kernel<<<dots.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), side_ptrs(rows),
-      side_ptrs(cols), label_col0, ds_rows.data_ptr<float>());
+      dots.data_ptr<float>(), dots.size(1), scale.data_ptr<float>(), side_view<float>(rows),
+      side_view<float>(cols), label_col0, ds_rows.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -153,8 +142,9 @@ bool cuda_accepts(at::ScalarType features, at::ScalarType acc) {
 }  // namespace
 
 const Device& cuda_device() {
-  static const Device d{{cuda_row_nll, cuda_col_merge, cuda_ce_grad}, kCudaStripElements, "CUDA",
-                        cuda_accepts, "float32, bfloat16 or float16 with a float32 scale"};
+  static const Device d{{cuda_row_nll, cuda_col_merge, cuda_ce_grad}, cuda_tile_kernels(),
+                        kCudaStripElements, "CUDA", cuda_accepts,
+                        "float32, bfloat16 or float16 with a float32 scale"};
   return d;
 }
 

@@ -61,6 +61,14 @@ SUBSPACE_ITERATION_MAX = 1024
 # (HiDe alone ≈ 90 dispatches at 128 x 768, ≈ 520 at 1024 x 768). $HIMO_FAST_GRAPHS=0
 # turns it off. Not measured on a GPU yet.
 GRAPHS = os.environ.get("HIMO_FAST_GRAPHS", "1") != "0"
+# The cuda backend's route for bf16/fp16 features (ops.dual_ce): "strips" (cuBLAS strips
+# of fp32 logits; measured on an H100, 2026-11-22) or "tiles" (csrc/dual_infonce_tiles_cuda.cu:
+# tensor-core tiles, no logits in memory; written 2026-12-07 without a GPU, not yet run on
+# one). $HIMO_FAST_CUDA_ROUTE picks; benchmarks/gpu_check.sh validates and times both.
+# fp32 features always take the strips (the tiles are for tensor-core inputs).
+CUDA_ROUTE = os.environ.get("HIMO_FAST_CUDA_ROUTE", "strips")
+if CUDA_ROUTE not in ("strips", "tiles"):
+    raise ValueError(f"$HIMO_FAST_CUDA_ROUTE must be 'strips' or 'tiles', got {CUDA_ROUTE!r}")
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,29 @@ def _cpu_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, st
                                  keep_logits=kept <= CPU_LOGITS_KEPT, strip_rows=strip_rows)
 
 
+@contextlib.contextmanager
+def cuda_route(route: str):
+    """CUDA_ROUTE inside the block: the cuda backend's bf16/fp16 dual InfoNCE by "strips"
+    or "tiles" (the benchmarks time both in one process). A backward takes the route of
+    its forward, saved with it."""
+    global CUDA_ROUTE
+    if route not in ("strips", "tiles"):
+        raise ValueError(f"route must be 'strips' or 'tiles', got {route!r}")
+    before, CUDA_ROUTE = CUDA_ROUTE, route
+    try:
+        yield
+    finally:
+        CUDA_ROUTE = before
+
+
 def _cuda_dual_infonce(rows, cols, scale, label_offset=0, label_smoothing=0.0, strip_rows=0):
     dtype = rows[0][0].dtype
     if dtype == torch.float64:  # the CUDA kernels have no float64 (it is for gradcheck there)
         return reference.dual_infonce_reference(rows, cols, scale, label_offset, label_smoothing)
     # bf16/fp16 stay narrow for the tensor cores; the op accumulates in fp32.
+    route = CUDA_ROUTE if dtype in (torch.bfloat16, torch.float16) else "strips"
     return compiled_dual_infonce(rows, cols, scale, label_offset, label_smoothing,
-                                 kernel_dtype=dtype, strip_rows=strip_rows)
+                                 kernel_dtype=dtype, strip_rows=strip_rows, route=route)
 
 
 def _hide_cpu(u, tau):

@@ -76,6 +76,99 @@ def test_cpu_matches_reference(dtype, square, B, N, d, strip, d_comp, eps):
     _compare(B, B if square else N, d, dtype, "cpu", square, eps, strip, d_comp)
 
 
+# The fused route's CPU twin (csrc/dual_infonce_tiles.cpp): the CUDA tile kernels'
+# decomposition and epilogue (csrc/logit_tile.h) run thread by thread. Sizes cross the
+# 64 x 64 tiles: partial tiles, labels at tile edges (odd offsets), several row blocks and
+# several lse calls (strip: rows per call, merged column partials).
+TILE_CASES = [(1, 1, 5, 0, None), (7, 21, 13, 3, 1), (65, 130, 31, 0, 9), (130, 333, 40, 64, None),
+              (129, 129, 17, 0, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("square", [True, False])
+@pytest.mark.parametrize("B,N,d,strip,d_comp", TILE_CASES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cpu_tiles_match_reference(dtype, square, B, N, d, strip, d_comp, eps):
+    _compare(B, B if square else N, d, dtype, "cpu", square, eps, d_comp=d_comp,
+             fn=lambda *a: dual_infonce(*a, strip_rows=strip, route="tiles"))
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_tiles_equal_strips_in_float64(square):
+    # The same function by two routes: in float64 they agree to rounding, values and
+    # gradients, so the tiling (labels, partial tiles, merges) loses nothing.
+    B, N = 97, 97 if square else 250
+    outs = []
+    for route, strip in (("strips", 0), ("tiles", 40)):
+        torch.manual_seed(3)
+        rows, cols = _inputs(B, N, 23, torch.float64, square=square, d_comp=5)
+        scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+        outs.append(_run(lambda *a: dual_infonce(*a, strip_rows=strip, route=route), rows, cols,
+                         scale, 0 if square else 77, 0.1, square))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-13), (a - b).abs().max()
+
+
+def test_cpu_tiles_one_pair_has_exactly_zero_gradient():
+    _one_pair_has_exactly_zero_gradient("cpu", lambda *a: dual_infonce(*a, route="tiles"))
+
+
+def test_opcheck_tiles():
+    for square in (True, False):
+        rows, cols = _inputs(70, 140, 11, torch.float64, square=square, d_comp=4)
+        scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        args = (*_branches(rows, None if square else cols), scale, 0 if square else 33, 0.1,
+                False, 64, "tiles")
+        torch.library.opcheck(torch.ops.himo_fast.dual_ce.default, args)
+
+
+def test_gradcheck_tiles_float64():
+    rows, cols = _inputs(5, 15, 7, torch.float64, square=False, d_comp=3)
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: dual_ce(*_branches(a[:4], a[4:8]), a[8], 6, 0.2, False, 2, "tiles"),
+        (*rows, *cols, scale))
+
+
+def test_tiles_route_errors():
+    rows, _ = _inputs(4, 4, 5, torch.float32)
+    scale = torch.tensor(5.0)
+    with pytest.raises(ValueError, match="route must be 'strips' or 'tiles', got 'tile'"):
+        dual_ce(*_branches(rows), scale, route="tile")
+    with pytest.raises(ValueError, match="keep_logits needs the strips route"):
+        dual_ce(*_branches(rows), scale, keep_logits=True, route="tiles")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("square", [True, False])
+def test_cuda_tiles_match_reference(cuda, dtype, square):
+    # d % 8 == 0 takes the 16-byte loads, the others the scalar ones; 4099 rows need two
+    # lse calls at strip 2048 and span many column tiles.
+    for B, N, d, strip, d_comp in [(1, 3, 5, 0, None), (33, 99, 31, 8, 9), (257, 771, 96, 0, 37),
+                                   (4099, 4099, 64, 2048, 8)]:
+        _compare(B, B if square else N, d, dtype, cuda, square, 0.1, d_comp=d_comp,
+                 fn=lambda *a: dual_infonce(*a, kernel_dtype=dtype, strip_rows=strip,
+                                            route="tiles"))
+
+
+def test_cuda_tiles_one_pair_has_exactly_zero_gradient(cuda):
+    def fn(rows, cols, scale, offset, eps):
+        bf = tuple(tuple(t.to(torch.bfloat16) for t in pair) for pair in rows)
+        return dual_infonce(bf, None, scale, offset, eps, kernel_dtype=torch.bfloat16,
+                            route="tiles")
+    _one_pair_has_exactly_zero_gradient(cuda, fn)
+
+
+def test_cuda_tiles_opcheck_and_fp32_refused(cuda):
+    rows, cols = _inputs(70, 140, 24, torch.bfloat16, cuda, square=False, d_comp=5)
+    scale = torch.tensor(8.0, device=cuda, requires_grad=True)
+    args = (*_branches(rows, cols), scale, 33, 0.1, False, 0, "tiles")
+    torch.library.opcheck(torch.ops.himo_fast.dual_ce.default, args)
+    rows32 = [t.detach().float() for t in rows]
+    with pytest.raises(TypeError, match="tiles route takes bfloat16 or float16"):
+        dual_ce(*_branches(rows32), scale.detach(), route="tiles")
+
+
 def _one_pair_has_exactly_zero_gradient(device, fn=dual_infonce):
     # One pair: softmax = target = 1, so the exact gradient is 0. Formed as s·P·b - s·b
     # it would be rounding noise of size ulp(s); the kernel forms g·(P - y) per logit.
