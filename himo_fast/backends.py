@@ -66,9 +66,13 @@ GRAPHS = os.environ.get("HIMO_FAST_GRAPHS", "1") != "0"
 # tensor-core tiles, no logits in memory; written 2026-12-07 without a GPU, not yet run on
 # one). $HIMO_FAST_CUDA_ROUTE picks; benchmarks/gpu_check.sh validates and times both.
 # fp32 features always take the strips (the tiles are for tensor-core inputs).
-CUDA_ROUTE = os.environ.get("HIMO_FAST_CUDA_ROUTE", "strips")
-if CUDA_ROUTE not in ("strips", "tiles"):
-    raise ValueError(f"$HIMO_FAST_CUDA_ROUTE must be 'strips' or 'tiles', got {CUDA_ROUTE!r}")
+def _route(value: str, source: str) -> str:
+    if value not in ("strips", "tiles"):
+        raise ValueError(f"{source} must be 'strips' or 'tiles', got {value!r}")
+    return value
+
+
+CUDA_ROUTE = _route(os.environ.get("HIMO_FAST_CUDA_ROUTE", "strips"), "$HIMO_FAST_CUDA_ROUTE")
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,7 @@ def cuda_route(route: str):
     or "tiles" (the benchmarks time both in one process). A backward takes the route of
     its forward, saved with it."""
     global CUDA_ROUTE
-    if route not in ("strips", "tiles"):
-        raise ValueError(f"route must be 'strips' or 'tiles', got {route!r}")
-    before, CUDA_ROUTE = CUDA_ROUTE, route
+    before, CUDA_ROUTE = CUDA_ROUTE, _route(route, "route")
     try:
         yield
     finally:

@@ -169,6 +169,29 @@ def test_cuda_tiles_opcheck_and_fp32_refused(cuda):
         dual_ce(*_branches(rows32), scale.detach(), route="tiles")
 
 
+def test_cuda_route_switch_is_checked_and_restored():
+    before = himo_fast.backends.CUDA_ROUTE
+    with himo_fast.backends.cuda_route("tiles"):
+        assert himo_fast.backends.CUDA_ROUTE == "tiles"
+    assert himo_fast.backends.CUDA_ROUTE == before
+    with pytest.raises(ValueError, match="route must be 'strips' or 'tiles', got 'fast'"):
+        with himo_fast.backends.cuda_route("fast"):
+            pass
+    assert himo_fast.backends.CUDA_ROUTE == before
+
+
+def test_cuda_backend_takes_the_route(cuda):
+    # The backend's bf16 dual InfoNCE by either route: the same losses to bf16's tolerance,
+    # not the same bits (the routes sum the exponentials in different orders).
+    rows, _ = _inputs(300, 300, 64, torch.bfloat16, cuda, d_comp=24)
+    impl = himo_fast.backends.select("cuda", cuda)
+    s = torch.tensor(20.0, device=cuda)
+    with himo_fast.backends.cuda_route("tiles"):
+        tiles = torch.stack(impl.dual_infonce(_pairs(rows), None, s))
+    strips = torch.stack(impl.dual_infonce(_pairs(rows), None, s))
+    assert torch.allclose(tiles, strips, rtol=2e-2) and not torch.equal(tiles, strips)
+
+
 def _one_pair_has_exactly_zero_gradient(device, fn=dual_infonce):
     # One pair: softmax = target = 1, so the exact gradient is 0. Formed as s·P·b - s·b
     # it would be rounding noise of size ulp(s); the kernel forms g·(P - y) per logit.
