@@ -36,26 +36,34 @@ tiles::Tile<acc_t> compute_tile(acc_t* buf, const acc_t* R, const acc_t* C, int6
   return {buf, kN, row0, col0, label_col0, rows, cols};
 }
 
+// Programs a launch should have at least (the CUDA kernels aim at 2 per SM of an H100; a
+// small target here makes the tests meet both one and several column splits).
+constexpr int64_t kTargetPrograms = 4;
+
 template <typename acc_t>
 void lse_impl(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
               const at::Tensor& ref, int64_t label_col0, at::Tensor& nll, at::Tensor& col_max,
               at::Tensor& col_sum) {
   const int64_t P = R.size(0), Q = C.size(0), K = R.size(1), blocks = cdiv(P, kM);
+  const int64_t n_tiles = cdiv(Q, kN), tps = tiles::tiles_per_split(blocks, n_tiles, kTargetPrograms);
+  const int64_t splits = cdiv(n_tiles, tps);
   const bool square = col_max.defined();
   const acc_t s = scale.item<acc_t>();
   const acc_t *r_ptr = R.data_ptr<acc_t>(), *c_ptr = C.data_ptr<acc_t>(), *ref_ptr = ref.data_ptr<acc_t>();
-  acc_t* out = nll.data_ptr<acc_t>();
-  // Each row block's column partials, merged in block order afterwards (the CUDA merge).
-  at::Tensor part = at::empty({2, square ? blocks : 0, Q}, R.options());
-  acc_t *part_max = part.data_ptr<acc_t>(), *part_sum = part_max + (square ? blocks * Q : 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Each program's row states (per column split) and column partials (per row block),
+  // merged in order afterwards (the CUDA merges).
+  at::Tensor rows = at::empty({2, splits, P}, R.options());
+  at::Tensor cols = at::empty({2, square ? blocks : 0, Q}, R.options());
+  acc_t *row_max = rows.data_ptr<acc_t>(), *row_sum = row_max + splits * P;
+  acc_t *part_max = cols.data_ptr<acc_t>(), *part_sum = part_max + (square ? blocks * Q : 0);
+  at::parallel_for(0, blocks * splits, 1, [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> buf(kM * kN);
     std::vector<LseState<acc_t>> st(kThreads), cpart(kThreads);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t row0 = b * kM;
+    for (int64_t program = p0; program < p1; ++program) {
+      const int64_t b = program / splits, split = program % splits, row0 = b * kM;
       std::fill(st.begin(), st.end(), lse_empty<acc_t>());
-      for (int64_t col0 = 0; col0 < Q; col0 += kN) {
-        const auto t = compute_tile(buf.data(), r_ptr, c_ptr, P, Q, K, row0, col0, label_col0);
+      for (int64_t tile = split * tps; tile < std::min(n_tiles, (split + 1) * tps); ++tile) {
+        const auto t = compute_tile(buf.data(), r_ptr, c_ptr, P, Q, K, row0, tile * kN, label_col0);
         for (int th = 0; th < kThreads; ++th) {
           const int r = tiles::row_of(th);
           if (r < t.rows) st[th] = tiles::push_row(st[th], t, r, tiles::half_of(th), s, ref_ptr[row0 + r]);
@@ -67,17 +75,27 @@ void lse_impl(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
         }
         for (int c = 0; c < t.cols; ++c) {
           const LseState<acc_t> m = lse_merge(cpart[c], cpart[c + kN]);
-          part_max[b * Q + col0 + c] = m.max;
-          part_sum[b * Q + col0 + c] = m.sum;
+          part_max[b * Q + t.col0 + c] = m.max;
+          part_sum[b * Q + t.col0 + c] = m.sum;
         }
       }
-      for (int r = 0; r < std::min<int64_t>(kM, P - row0); ++r)
-        out[row0 + r] = nll_value(lse_merge(st[2 * r], st[2 * r + 1]), ref_ptr[row0 + r]);
+      for (int r = 0; r < std::min<int64_t>(kM, P - row0); ++r) {
+        const LseState<acc_t> m = lse_merge(st[2 * r], st[2 * r + 1]);
+        row_max[split * P + row0 + r] = m.max;
+        row_sum[split * P + row0 + r] = m.sum;
+      }
     }
   });
+  acc_t* out = nll.data_ptr<acc_t>();
+  for (int64_t i = 0; i < P; ++i)
+    out[i] = nll_value(tiles::merge_parts(lse_empty<acc_t>(), row_max, row_sum, splits, P, i), ref_ptr[i]);
   if (!square) return;
   acc_t *cm = col_max.data_ptr<acc_t>(), *cs = col_sum.data_ptr<acc_t>();
-  for (int64_t j = 0; j < Q; ++j) tiles::merge_column(part_max, part_sum, blocks, Q, j, cm, cs);
+  for (int64_t j = 0; j < Q; ++j) {
+    const LseState<acc_t> m = tiles::merge_parts<acc_t>({cm[j], cs[j]}, part_max, part_sum, blocks, Q, j);
+    cm[j] = m.max;
+    cs[j] = m.sum;
+  }
 }
 
 template <typename acc_t>

@@ -33,6 +33,8 @@ constexpr int kLdIn = kK + 8;   // its row stride, 144 bytes: WMMA wants 32-byte
                                 // fragments (16 rows = 2304 bytes) and ldm % 8 == 0
 constexpr int kLdDots = kN + 4;  // 68 floats: 16 rows = 4352 bytes
 constexpr int kMergeThreads = 256;
+// Programs an lse launch should have at least (tiles_per_split): 2 per SM of an H100.
+constexpr int64_t kTargetPrograms = 264;
 
 // The tensor-core element type of an input dtype (zero and rounding without the
 // conversion operators that torch's build flags turn off).
@@ -133,21 +135,24 @@ __device__ __forceinline__ tiles::Tile<float> tile_view(Smem<E>& sm, int64_t row
   return {&sm.dots[0][0], kLdDots, row0, col0, label_col0, extent(P, row0, kM), extent(Q, col0, kN)};
 }
 
-// One block per kM rows, looping over every column tile: nll of its rows; COLS (square),
-// each column's partial (max, sum) over its rows at [blockIdx.x * Q + column].
+// One block per kM rows (x) and run of tps column tiles (y): its rows' (max, sum) over
+// those columns at [y * P + row]; COLS (square), each column's partial (max, sum) over its
+// rows at [x * Q + column].
 template <typename Tr, bool VEC, bool COLS>
 __global__ void __launch_bounds__(kThreads)
     lse_kernel(const typename Tr::type* __restrict__ R, const typename Tr::type* __restrict__ C,
-               int64_t P, int64_t Q, int64_t K, const float* __restrict__ scale,
-               const float* __restrict__ ref, int64_t label_col0, float* __restrict__ nll,
-               float* __restrict__ part_max, float* __restrict__ part_sum) {
+               int64_t P, int64_t Q, int64_t K, int64_t tps, const float* __restrict__ scale,
+               const float* __restrict__ ref, int64_t label_col0, float* __restrict__ row_max,
+               float* __restrict__ row_sum, float* __restrict__ part_max,
+               float* __restrict__ part_sum) {
   __shared__ Smem<typename Tr::type> sm;
   __shared__ float other_max[kN], other_sum[kN];
   const int th = threadIdx.x, r = tiles::row_of(th), half = tiles::half_of(th);
-  const int64_t row0 = int64_t(blockIdx.x) * kM;
+  const int64_t row0 = int64_t(blockIdx.x) * kM, n_tiles = (Q + kN - 1) / kN;
+  const int64_t first = int64_t(blockIdx.y) * tps, last = first + tps < n_tiles ? first + tps : n_tiles;
   const float s = *scale, my_ref = row0 + r < P ? ref[row0 + r] : 0.f;
   LseState<float> st = lse_empty<float>();
-  for (int64_t col0 = 0; col0 < Q; col0 += kN) {
+  for (int64_t col0 = first * kN; col0 < last * kN; col0 += kN) {
     compute_tile<Tr, VEC>(sm, R, C, row0, col0, P, Q, K);
     const tiles::Tile<float> t = tile_view(sm, row0, col0, label_col0, P, Q);
     if (r < t.rows) st = tiles::push_row(st, t, r, half, s, my_ref);
@@ -170,14 +175,30 @@ __global__ void __launch_bounds__(kThreads)
   // The row's two halves (adjacent lanes), merged as the CPU twin merges them.
   st = lse_merge(st, LseState<float>{__shfl_xor_sync(0xffffffffu, st.max, 1),
                                      __shfl_xor_sync(0xffffffffu, st.sum, 1)});
-  if (half == 0 && row0 + r < P) nll[row0 + r] = nll_value(st, my_ref);
+  if (half == 0 && row0 + r < P) {
+    row_max[int64_t(blockIdx.y) * P + row0 + r] = st.max;
+    row_sum[int64_t(blockIdx.y) * P + row0 + r] = st.sum;
+  }
 }
 
+// nll[i] from row i's states of the `splits` column splits.
+__global__ void merge_rows_kernel(const float* __restrict__ row_max,
+                                  const float* __restrict__ row_sum, int64_t splits, int64_t P,
+                                  const float* __restrict__ ref, float* __restrict__ nll) {
+  const int64_t i = int64_t(blockIdx.x) * kMergeThreads + threadIdx.x;
+  if (i < P) nll[i] = nll_value(tiles::merge_parts(lse_empty<float>(), row_max, row_sum, splits, P, i), ref[i]);
+}
+
+// Column j's running (max, sum) merged with its partials of `blocks` row blocks.
 __global__ void merge_columns_kernel(const float* __restrict__ part_max,
                                      const float* __restrict__ part_sum, int64_t blocks, int64_t Q,
                                      float* __restrict__ col_max, float* __restrict__ col_sum) {
   const int64_t j = int64_t(blockIdx.x) * kMergeThreads + threadIdx.x;
-  if (j < Q) tiles::merge_column(part_max, part_sum, blocks, Q, j, col_max, col_sum);
+  if (j >= Q) return;
+  const LseState<float> m =
+      tiles::merge_parts(LseState<float>{col_max[j], col_sum[j]}, part_max, part_sum, blocks, Q, j);
+  col_max[j] = m.max;
+  col_sum[j] = m.sum;
 }
 
 // One block per tile (row block x, column tile y): W into w ([P, Q], the inputs' dtype),
@@ -246,16 +267,22 @@ void cuda_tiles_lse(const at::Tensor& R, const at::Tensor& C, const at::Tensor& 
   check_inputs(R, C);
   const int64_t P = R.size(0), Q = C.size(0), K = R.size(1), blocks = cdiv(P, kM);
   if (P == 0) return;
+  const int64_t n_tiles = cdiv(Q, kN), tps = tiles::tiles_per_split(blocks, n_tiles, kTargetPrograms);
+  const int64_t splits = cdiv(n_tiles, tps);
+  TORCH_CHECK(splits <= 65535, "himo_fast tiles: ", splits, " column splits exceed the grid");
   const bool square = col_max.defined();
+  at::Tensor rows = at::empty({2, splits, P}, ref.options());
   at::Tensor part = at::empty({2, square ? blocks : 0, Q}, ref.options());
+  float *row_max = rows.data_ptr<float>(), *row_sum = row_max + splits * P;
   float *part_max = part.data_ptr<float>(), *part_sum = part_max + (square ? blocks * Q : 0);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(R, C, [&](auto elem, auto vec) {
     using Tr = decltype(elem);
     auto launch = [&](auto cols) {
-      lse_kernel<Tr, decltype(vec)::value, decltype(cols)::value><<<blocks, kThreads, 0, stream>>>(
-          elems<Tr>(R), elems<Tr>(C), P, Q, K, scale.data_ptr<float>(), ref.data_ptr<float>(),
-          label_col0, nll.data_ptr<float>(), part_max, part_sum);
+      lse_kernel<Tr, decltype(vec)::value, decltype(cols)::value><<<grid, kThreads, 0, stream>>>(
+          elems<Tr>(R), elems<Tr>(C), P, Q, K, tps, scale.data_ptr<float>(), ref.data_ptr<float>(),
+          label_col0, row_max, row_sum, part_max, part_sum);
     };
     if (square) {
       launch(Bool<true>{});
@@ -263,6 +290,9 @@ void cuda_tiles_lse(const at::Tensor& R, const at::Tensor& C, const at::Tensor& 
       launch(Bool<false>{});
     }
   });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_rows_kernel<<<cdiv(P, kMergeThreads), kMergeThreads, 0, stream>>>(
+      row_max, row_sum, splits, P, ref.data_ptr<float>(), nll.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!square) return;
   merge_columns_kernel<<<cdiv(Q, kMergeThreads), kMergeThreads, 0, stream>>>(

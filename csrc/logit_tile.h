@@ -62,15 +62,24 @@ HIMO_HD LseState<acc_t> column_part(const Tile<acc_t>& t, int c, int half, acc_t
   return st;
 }
 
-// Merge column j's partials of `blocks` row blocks (max, sum at [b * cols + j]) into its
-// running state.
+// st merged with the partials (max, sum) at [b * stride + j] of parts b = 0, 1, ..., in
+// that order: a column's over the row blocks, or a row's over the column splits.
 template <typename acc_t>
-HIMO_HD void merge_column(const acc_t* part_max, const acc_t* part_sum, int64_t blocks,
-                          int64_t cols, int64_t j, acc_t* col_max, acc_t* col_sum) {
-  LseState<acc_t> st{col_max[j], col_sum[j]};
-  for (int64_t b = 0; b < blocks; ++b) st = lse_merge(st, {part_max[b * cols + j], part_sum[b * cols + j]});
-  col_max[j] = st.max;
-  col_sum[j] = st.sum;
+HIMO_HD LseState<acc_t> merge_parts(LseState<acc_t> st, const acc_t* part_max,
+                                    const acc_t* part_sum, int64_t parts, int64_t stride,
+                                    int64_t j) {
+  for (int64_t b = 0; b < parts; ++b) st = lse_merge(st, {part_max[b * stride + j], part_sum[b * stride + j]});
+  return st;
+}
+
+// The forward's column tiles per program: where the row blocks alone are fewer than
+// `target` programs (the paper's 128 rows are 2 blocks), the columns are split into runs
+// of whole tiles, each run a program whose rows' states are merged afterwards; no run is
+// empty. Splits: ceil(n_tiles / the result).
+HIMO_HD int64_t tiles_per_split(int64_t row_blocks, int64_t n_tiles, int64_t target) {
+  const int64_t want = target > row_blocks ? (target + row_blocks - 1) / row_blocks : 1;
+  const int64_t splits = want < n_tiles ? want : n_tiles;
+  return (n_tiles + splits - 1) / splits;
 }
 
 // Per-row (or per-column) backward statistics, as dual_infonce.h's Side; nll null: absent.

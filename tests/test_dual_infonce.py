@@ -79,9 +79,10 @@ def test_cpu_matches_reference(dtype, square, B, N, d, strip, d_comp, eps):
 # The fused route's CPU twin (csrc/dual_infonce_tiles.cpp): the CUDA tile kernels'
 # decomposition and epilogue (csrc/logit_tile.h) run thread by thread. Sizes cross the
 # 64 x 64 tiles: partial tiles, labels at tile edges (odd offsets), several row blocks and
-# several lse calls (strip: rows per call, merged column partials).
+# several lse calls (strip: rows per call, merged column partials), the columns split
+# among programs (fewer than 4 row blocks: the twin's target) or not (260 rows).
 TILE_CASES = [(1, 1, 5, 0, None), (7, 21, 13, 3, 1), (65, 130, 31, 0, 9), (130, 333, 40, 64, None),
-              (129, 129, 17, 0, 3)]
+              (129, 129, 17, 0, 3), (260, 300, 9, 0, 4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
