@@ -3,8 +3,9 @@
 // where the epilogue of logit_tile.h turns them into row log-sum-exps (online, in
 // registers across the column tiles), the square case's column partials, or the
 // backward's weights W. No logit strip in global memory: the forward reads the inputs and
-// writes O(N) statistics; the backward writes W once, in the inputs' dtype, for the two
-// cuBLAS products of the driver (dual_infonce.cpp's job_backward).
+// writes (max, sum) partials per row and column split, and per column and row block; the
+// backward writes W once, in the inputs' dtype, for the two cuBLAS products of the driver
+// (dual_infonce.cpp's job_backward).
 //
 // One block: kThreads = 128 threads (4 warps, 2 x 2, each a 32 x 32 quarter of the 64 x 64
 // tile), K in steps of kK staged in shared memory. Written without a GPU (2026-12-07) and
