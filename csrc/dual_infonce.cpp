@@ -214,21 +214,17 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
     col_max = at::full({N}, -std::numeric_limits<double>::infinity(), R.options().dtype(acc));
     col_sum = at::zeros({N}, R.options().dtype(acc));
   }
-  if (tiled) {
-    const int64_t step = requested_rows > 0 ? requested_rows : dev.tiles.lse_rows;
-    for (int64_t r0 = 0; r0 < B; r0 += step) {
-      const int64_t rn = std::min(step, B - r0);
-      at::Tensor out = nll_rows.narrow(0, r0, rn);
-      dev.tiles.lse(R.narrow(0, r0, rn), C, scale, ref_rows.narrow(0, r0, rn), label_offset + r0,
-                    out, col_max, col_sum);
-    }
-    if (nll_cols != nullptr) *nll_cols = (col_max - ref_cols) + at::log(col_sum);
-    return;
-  }
-  const int64_t step = strip_rows(dev, B, N, requested_rows);
+  const int64_t step = !tiled ? strip_rows(dev, B, N, requested_rows)
+                     : requested_rows > 0 ? requested_rows : dev.tiles.lse_rows;
   const at::Tensor Ct = C.t();
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);
+    at::Tensor out = nll_rows.narrow(0, r0, rn);
+    if (tiled) {
+      dev.tiles.lse(R.narrow(0, r0, rn), C, scale, ref_rows.narrow(0, r0, rn), label_offset + r0,
+                    out, col_max, col_sum);
+      continue;
+    }
     at::Tensor dots;
     if (keep.defined()) {
       dots = keep.narrow(0, r0, rn);
@@ -236,7 +232,6 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
     } else {
       dots = mm_acc(R.narrow(0, r0, rn), Ct, acc);
     }
-    at::Tensor out = nll_rows.narrow(0, r0, rn);
     k.row_nll(dots, scale, ref_rows.narrow(0, r0, rn), out);
     if (nll_cols != nullptr) k.col_merge(dots, scale, col_max, col_sum);
   }

@@ -12,20 +12,19 @@
 namespace himo {
 namespace {
 
+using tiles::cdiv;
 using tiles::kM;
 using tiles::kN;
 using tiles::kThreads;
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The tile at (row0, col0) of R·Cᵀ into buf (kM x kN, ld kN): what the CUDA kernel's
 // tensor-core loop leaves in shared memory.
 template <typename acc_t>
 tiles::Tile<acc_t> compute_tile(acc_t* buf, const acc_t* R, const acc_t* C, int64_t P, int64_t Q,
                                 int64_t K, int64_t row0, int64_t col0, int64_t label_col0) {
-  const int rows = int(std::min<int64_t>(kM, P - row0)), cols = int(std::min<int64_t>(kN, Q - col0));
-  for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < cols; ++c) {
+  const auto t = tiles::tile_at(buf, kN, row0, col0, label_col0, P, Q);
+  for (int r = 0; r < t.rows; ++r) {
+    for (int c = 0; c < t.cols; ++c) {
       const acc_t* a = R + (row0 + r) * K;
       const acc_t* b = C + (col0 + c) * K;
       acc_t d = 0;
@@ -33,7 +32,7 @@ tiles::Tile<acc_t> compute_tile(acc_t* buf, const acc_t* R, const acc_t* C, int6
       buf[r * kN + c] = d;
     }
   }
-  return {buf, kN, row0, col0, label_col0, rows, cols};
+  return t;
 }
 
 // Programs a launch should have at least (the CUDA kernels aim at 2 per SM of an H100; a
@@ -45,8 +44,8 @@ void lse_impl(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
               const at::Tensor& ref, int64_t label_col0, at::Tensor& nll, at::Tensor& col_max,
               at::Tensor& col_sum) {
   const int64_t P = R.size(0), Q = C.size(0), K = R.size(1), blocks = cdiv(P, kM);
-  const int64_t n_tiles = cdiv(Q, kN), tps = tiles::tiles_per_split(blocks, n_tiles, kTargetPrograms);
-  const int64_t splits = cdiv(n_tiles, tps);
+  const int64_t n_tiles = cdiv(Q, kN);
+  const auto [tps, splits] = tiles::column_splits(blocks, n_tiles, kTargetPrograms);
   const bool square = col_max.defined();
   const acc_t s = scale.item<acc_t>();
   const acc_t *r_ptr = R.data_ptr<acc_t>(), *c_ptr = C.data_ptr<acc_t>(), *ref_ptr = ref.data_ptr<acc_t>();

@@ -25,6 +25,7 @@ namespace himo {
 namespace {
 
 using namespace nvcuda;
+using tiles::cdiv;
 using tiles::kM;
 using tiles::kN;
 using tiles::kThreads;
@@ -34,7 +35,7 @@ constexpr int kLdIn = kK + 8;   // its row stride, 144 bytes: WMMA wants 32-byte
                                 // fragments (16 rows = 2304 bytes) and ldm % 8 == 0
 constexpr int kLdDots = kN + 4;  // 68 floats: 16 rows = 4352 bytes
 constexpr int kMergeThreads = 256;
-// Programs an lse launch should have at least (tiles_per_split): 2 per SM of an H100.
+// Programs an lse launch should have at least (column_splits): 2 per SM of an H100.
 constexpr int64_t kTargetPrograms = 264;
 
 // The tensor-core element type of an input dtype (zero and rounding without the
@@ -60,10 +61,6 @@ struct Smem {
   alignas(128) E b[kN][kLdIn];  // rows of C
   alignas(128) float dots[kM][kLdDots];
 };
-
-__device__ __forceinline__ int extent(int64_t total, int64_t start, int n) {
-  return total - start < n ? int(total - start) : n;
-}
 
 // Rows [row0, row0 + kM) x [k0, k0 + kK) of src (total rows, width K) into dst, zeros
 // outside. VEC: 16-byte loads (K % 8 == 0 and 16-byte aligned data).
@@ -130,13 +127,7 @@ __device__ void compute_tile(Smem<typename Tr::type>& sm, const typename Tr::typ
   __syncthreads();
 }
 
-template <typename E>
-__device__ __forceinline__ tiles::Tile<float> tile_view(Smem<E>& sm, int64_t row0, int64_t col0,
-                                                        int64_t label_col0, int64_t P, int64_t Q) {
-  return {&sm.dots[0][0], kLdDots, row0, col0, label_col0, extent(P, row0, kM), extent(Q, col0, kN)};
-}
-
-// One block per kM rows (x) and run of tps column tiles (y): its rows' (max, sum) over
+// One block per kM rows (x) and column split of tps tiles (y): its rows' (max, sum) over
 // those columns at [y * P + row]; COLS (square), each column's partial (max, sum) over its
 // rows at [x * Q + column].
 template <typename Tr, bool VEC, bool COLS>
@@ -149,13 +140,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Smem<typename Tr::type> sm;
   __shared__ float other_max[kN], other_sum[kN];
   const int th = threadIdx.x, r = tiles::row_of(th), half = tiles::half_of(th);
-  const int64_t row0 = int64_t(blockIdx.x) * kM, n_tiles = (Q + kN - 1) / kN;
+  const int64_t row0 = int64_t(blockIdx.x) * kM, n_tiles = cdiv(Q, kN);
   const int64_t first = int64_t(blockIdx.y) * tps, last = first + tps < n_tiles ? first + tps : n_tiles;
   const float s = *scale, my_ref = row0 + r < P ? ref[row0 + r] : 0.f;
   LseState<float> st = lse_empty<float>();
   for (int64_t col0 = first * kN; col0 < last * kN; col0 += kN) {
     compute_tile<Tr, VEC>(sm, R, C, row0, col0, P, Q, K);
-    const tiles::Tile<float> t = tile_view(sm, row0, col0, label_col0, P, Q);
+    const auto t = tiles::tile_at(&sm.dots[0][0], kLdDots, row0, col0, label_col0, P, Q);
     if (r < t.rows) st = tiles::push_row(st, t, r, half, s, my_ref);
     if constexpr (COLS) {
       const int c = tiles::column_of(th), ch = tiles::column_half_of(th);
@@ -215,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = int64_t(blockIdx.x) * kM, col0 = int64_t(blockIdx.y) * kN;
   const float s = *scale;
   compute_tile<Tr, VEC>(sm, R, C, row0, col0, P, Q, K);
-  tiles::Tile<float> t = tile_view(sm, row0, col0, label_col0, P, Q);
+  auto t = tiles::tile_at(&sm.dots[0][0], kLdDots, row0, col0, label_col0, P, Q);
   float ds = r < t.rows ? tiles::weights_row(t, r, half, s, rows, cols) : 0.f;
   ds += __shfl_xor_sync(0xffffffffu, ds, 1);
   if (half == 0 && r < t.rows) ds_part[(row0 + r) * gridDim.y + blockIdx.y] = ds;
@@ -225,8 +216,6 @@ __global__ void __launch_bounds__(kThreads)
     if (rr < t.rows && cc < t.cols) w[(row0 + rr) * Q + col0 + cc] = Tr::from_float(sm.dots[rr][cc]);
   }
 }
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <bool B>
 using Bool = std::integral_constant<bool, B>;
@@ -268,8 +257,8 @@ void cuda_tiles_lse(const at::Tensor& R, const at::Tensor& C, const at::Tensor& 
   check_inputs(R, C);
   const int64_t P = R.size(0), Q = C.size(0), K = R.size(1), blocks = cdiv(P, kM);
   if (P == 0) return;
-  const int64_t n_tiles = cdiv(Q, kN), tps = tiles::tiles_per_split(blocks, n_tiles, kTargetPrograms);
-  const int64_t splits = cdiv(n_tiles, tps);
+  const int64_t n_tiles = cdiv(Q, kN);
+  const auto [tps, splits] = tiles::column_splits(blocks, n_tiles, kTargetPrograms);
   TORCH_CHECK(splits <= 65535, "himo_fast tiles: ", splits, " column splits exceed the grid");
   const bool square = col_max.defined();
   at::Tensor rows = at::empty({2, splits, P}, ref.options());

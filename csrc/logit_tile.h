@@ -22,6 +22,8 @@ constexpr int kN = 64;         // columns of a tile
 constexpr int kThreads = 128;  // two per row, two per column
 static_assert(kThreads == 2 * kM && kThreads == 2 * kN, "two threads per tile row and column");
 
+HIMO_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 HIMO_HD int row_of(int t) { return t >> 1; }
 HIMO_HD int half_of(int t) { return t & 1; }
 HIMO_HD int column_of(int t) { return t % kN; }
@@ -43,6 +45,14 @@ struct Tile {
     return is_label(r, c) ? ref : s * dot(r, c);
   }
 };
+
+// The tile at (row0, col0) of a P x Q matrix, cut at its edges.
+template <typename acc_t>
+HIMO_HD Tile<acc_t> tile_at(acc_t* dots, int ld, int64_t row0, int64_t col0, int64_t label_col0,
+                            int64_t P, int64_t Q) {
+  return {dots, ld, row0, col0, label_col0, int(P - row0 < kM ? P - row0 : kM),
+          int(Q - col0 < kN ? Q - col0 : kN)};
+}
 
 // Row pass of the forward: this thread's half of row r pushed into its running state.
 template <typename acc_t>
@@ -72,14 +82,18 @@ HIMO_HD LseState<acc_t> merge_parts(LseState<acc_t> st, const acc_t* part_max,
   return st;
 }
 
-// The forward's column tiles per program: where the row blocks alone are fewer than
-// `target` programs (the paper's 128 rows are 2 blocks), the columns are split into runs
-// of whole tiles, each run a program whose rows' states are merged afterwards; no run is
-// empty. Splits: ceil(n_tiles / the result).
-HIMO_HD int64_t tiles_per_split(int64_t row_blocks, int64_t n_tiles, int64_t target) {
-  const int64_t want = target > row_blocks ? (target + row_blocks - 1) / row_blocks : 1;
-  const int64_t splits = want < n_tiles ? want : n_tiles;
-  return (n_tiles + splits - 1) / splits;
+// The forward's column splits: where the row blocks alone are fewer than `target`
+// programs (the paper's 128 rows are 2 blocks), the column tiles are split into runs of
+// `tiles` whole tiles, each run a program whose rows' states are merged afterwards; none
+// is empty. Split i covers tiles [i * tiles, min((i + 1) * tiles, n_tiles)).
+struct ColumnSplits {
+  int64_t tiles, count;
+};
+
+HIMO_HD ColumnSplits column_splits(int64_t row_blocks, int64_t n_tiles, int64_t target) {
+  const int64_t want = target > row_blocks ? cdiv(target, row_blocks) : 1;
+  const int64_t tiles = cdiv(n_tiles, want < n_tiles ? want : n_tiles);
+  return {tiles, cdiv(n_tiles, tiles)};
 }
 
 // Per-row (or per-column) backward statistics, as dual_infonce.h's Side; nll null: absent.
