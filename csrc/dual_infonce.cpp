@@ -19,6 +19,9 @@ namespace {
 // (himo_fast/backends.py: on the CPU when they fit in 8 MiB).
 constexpr int64_t kCpuStripElements = int64_t(1) << 20;
 
+// Elements of one block of rows of the label logits' dot products (label_dots).
+constexpr int64_t kLabelDotElements = int64_t(1) << 24;
+
 // ---------------------------------------------------------------- CPU kernels
 //
 // Vectorised (at::vec, AVX2/AVX-512 as the CPU allows) two-pass versions of the tile
@@ -242,7 +245,8 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
 // over the rows (and the columns when cols is defined), from strips of the weights W: each
 // strip of logits recomputed (or copied from `kept`, the forward's, when defined) and
 // turned into W in place, or, tiled, W written directly by the tile kernel in R's dtype.
-// dR is overwritten, dC accumulated into.
+// dR (R's dtype) is overwritten strip by strip, each strip scaled before it is rounded;
+// dC (the accumulation dtype) is accumulated into, in place.
 void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
                   const at::Tensor& scale, const Side& rows, const Side& cols,
                   int64_t label_offset, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
@@ -272,16 +276,19 @@ void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
     // Like flash-attention, the weights go back to the input precision for the
     // tensor-core products (the tile kernel writes them so); accumulation stays in fp32.
     const at::Tensor wm = w.scalar_type() != R.scalar_type() ? w.to(R.scalar_type()) : w;
+    at::Tensor dR_strip = dR.narrow(0, r0, rn);
     if (low_precision) {
-      dR.narrow(0, r0, rn).copy_(at::mm(wm, C, acc));
-      dC.add_(at::mm(wm.t(), Rb, acc));
+      dR_strip.copy_(at::mm(wm, C, acc).mul_(scale));
+      // addmm's out_dtype overload (CUDA): bf16/fp16 operands, fp32 accumulated in place.
+      // A product then add_ held an [N, d] fp32 temporary per strip (768 MiB at N =
+      // 262144, d = 768) and moved twice the bytes.
+      at::addmm_out(dC, dC, wm.t(), Rb, acc);
     } else {
-      at::Tensor dR_strip = dR.narrow(0, r0, rn);
       at::mm_out(dR_strip, wm, C);
+      dR_strip.mul_(scale);
       dC.addmm_(wm.t(), Rb);
     }
   }
-  dR.mul_(scale);
   dC.mul_(scale);
 }
 
@@ -291,14 +298,28 @@ struct LabelDots {
   at::Tensor label, mean;
 };
 
+// In blocks of rows (`requested_rows`, the driver's strip, when > 0): the copies in the
+// accumulation dtype stay ≈ 3 × 64 MiB whatever N is (whole bf16-to-fp32 copies of a and
+// b at N = 262144, d = 768 would be 1.5 GiB).
 LabelDots label_dots(const at::Tensor& a, const at::Tensor& b, int64_t offset, double eps,
-                     at::ScalarType acc) {
-  const at::Tensor a32 = a.to(acc), b32 = b.to(acc);
-  LabelDots out{(a32 * b32.narrow(0, offset, a.size(0))).sum(1), at::Tensor()};
-  // The same reduction as the label's: with one column the two are then equal to the bit
-  // (mean(b) = b), and the smoothed term of a single pair is exactly zero.
-  if (eps != 0.0) out.mean = (a32 * b32.mean(0, /*keepdim=*/true)).sum(1);
-  return out;
+                     at::ScalarType acc, int64_t requested_rows) {
+  const int64_t B = a.size(0);
+  const int64_t step = requested_rows > 0 ? requested_rows
+                       : std::max<int64_t>(1, kLabelDotElements / std::max<int64_t>(a.size(1), 1));
+  const at::Tensor b_mean = eps != 0.0 ? at::mean(b, {0}, /*keepdim=*/true, acc) : at::Tensor();
+  std::vector<at::Tensor> label, mean;
+  for (int64_t r0 = 0; r0 < B; r0 += step) {
+    const int64_t rn = std::min(step, B - r0);
+    const at::Tensor a32 = a.narrow(0, r0, rn).to(acc);
+    label.push_back((a32 * b.narrow(0, offset + r0, rn).to(acc)).sum(1));
+    // The same reduction as the label's: with one column the two are then equal to the bit
+    // (mean(b) = b), and the smoothed term of a single pair is exactly zero.
+    if (b_mean.defined()) mean.push_back((a32 * b_mean).sum(1));
+  }
+  auto join = [](const std::vector<at::Tensor>& t) {
+    return t.empty() ? at::Tensor() : t.size() == 1 ? t[0] : at::cat(t);
+  };
+  return {join(label), join(mean)};
 }
 
 // ce - nll = x_label - sum_j y_j x_j = s·ε·(label - mean). A cross entropy is never
@@ -402,8 +423,8 @@ void branch_forward(const Device& dev, const Branch& br, const at::Tensor& s, in
                     at::Tensor nll_ba, int64_t strip, const at::Tensor& keep, bool tiled) {
   auto job = [&](int64_t j) { return kept_part(keep, j); };
   const auto acc = s.scalar_type();
-  const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps, acc);
-  const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps, acc);
+  const LabelDots t_ab = label_dots(br.a_r, br.b_c, offset, eps, acc, strip);
+  const LabelDots t_ba = label_dots(br.b_r, br.a_c, offset, eps, acc, strip);
   const at::Tensor ref_ab = t_ab.label * s, ref_ba = t_ba.label * s;
   if (br.square) {
     // One pass: the rows of s·a·bᵀ, and its columns, which are the rows of s·b·aᵀ.
@@ -423,9 +444,10 @@ void branch_forward(const Device& dev, const Branch& br, const at::Tensor& s, in
 // The backward data of one direction: ce = lse - sum_j y_j x_j with y = ε/N off the label
 // and ε/N + 1 - ε at it; nll = lse - x_label.
 Side side(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t offset,
-          double eps, const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll) {
+          double eps, const at::Tensor& nll, const at::Tensor& g_ce, const at::Tensor& g_nll,
+          int64_t strip) {
   const double y_off = eps / double(b.size(0)), y_on = y_off + (1.0 - eps);
-  return {nll, label_dots(a, b, offset, 0.0, s.scalar_type()).label * s, g_ce + g_nll,
+  return {nll, label_dots(a, b, offset, 0.0, s.scalar_type(), strip).label * s, g_ce + g_nll,
           g_ce * y_off, g_ce * y_on + g_nll};
 }
 
@@ -437,24 +459,28 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
                                         at::Tensor& dscale, int64_t strip,
                                         const at::Tensor& kept, bool tiled) {
   auto job = [&](int64_t j) { return kept_part(kept, j); };
-  const auto opts = br.a_r.options().dtype(s.scalar_type());
+  // The rows' gradients are written once, in the inputs' dtype; the columns' are
+  // accumulated over the strips, in the scale's.
+  const auto row_opts = br.a_r.options(), col_opts = row_opts.dtype(s.scalar_type());
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
   const int64_t da = br.a_r.size(1);
-  const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0]);
-  const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1]);
+  const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0], strip);
+  const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1], strip);
   if (br.square) {
-    at::Tensor d_a = at::empty({B, da}, opts), d_b = at::zeros({B, da}, opts);
+    at::Tensor d_a = at::empty({B, da}, row_opts), d_b = at::zeros({B, da}, col_opts);
     job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled);
-    return {cast(d_a), cast(d_b)};
+    return {d_a, cast(d_b)};
   }
-  at::Tensor d_a_r = at::empty({B, da}, opts), d_b_c = at::zeros({N, da}, opts);
+  at::Tensor d_a_r = at::empty({B, da}, row_opts), d_b_c = at::zeros({N, da}, col_opts);
   job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0),
                tiled);
-  at::Tensor d_b_r = at::empty({B, da}, opts), d_a_c = at::zeros({N, da}, opts);
+  at::Tensor d_b_c_out = cast(d_b_c);
+  d_b_c = at::Tensor();  // one fp32 accumulator at a time
+  at::Tensor d_b_r = at::empty({B, da}, row_opts), d_a_c = at::zeros({N, da}, col_opts);
   job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1),
                tiled);
-  return {cast(d_a_r), cast(d_b_r), cast(d_a_c), cast(d_b_c)};
+  return {d_a_r, d_b_r, cast(d_a_c), d_b_c_out};
 }
 
 // Jobs (logit matrices computed by GEMM) per branch: one square, two otherwise.

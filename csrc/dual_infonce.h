@@ -92,7 +92,8 @@ struct Device {
 // the label-smoothed cross entropy of each row and the plain one, lse - label logit
 // (saved for the backward). logits: with keep_logits, the unscaled dot products of every
 // GEMM of the forward, [2 or 4, B, N], for the backward to skip its recompute; else
-// empty. strip_rows > 0 forces the strip height (tests); 0 picks it from the device bound.
+// empty. strip_rows > 0 forces the rows per block (tests): the strips, the tiles route's lse
+// calls and the label dot products; 0 picks each from its device or memory bound.
 // route: "strips" (GEMM strips of logits, then the StripKernels) or "tiles" (TileKernels;
 // keeps no logits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(

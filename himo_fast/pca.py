@@ -52,6 +52,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # float32 pipeline is within 2x of that SVD's error at every τ. The products with the
 # features themselves (X̂V_m, the reconstruction) stay in the features' compute dtype.
 PCA_DTYPE = torch.float64
+# Elements of one block of rows where a product over the batch runs in PCA_DTYPE (the
+# small matrix, the backward's reductions and products over N): the float64 copies stay
+# ≈ 32 MiB whatever N is. Whole copies at N = 262144, d = 768 are 1.5 GiB each, and the
+# backward held up to 8 of them. One block up to N = 5461 at d = 768.
+PCA_BLOCK_ELEMENTS = 1 << 22
+
+
+def row_blocks(n: int, d: int) -> list[slice]:
+    """The row blocks of an n x d batch for the products in PCA_DTYPE."""
+    step = max(1, PCA_BLOCK_ELEMENTS // max(d, 1))
+    return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+
+
+def _t_product(x: torch.Tensor, y: torch.Tensor, blocks: list[slice], dtype) -> torch.Tensor:
+    """xᵀy in ``dtype``, summed over row blocks of both."""
+    out = None
+    for r in blocks:
+        part = x[r].to(dtype).T @ y[r].to(dtype)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def cutoff_from_eigvals(eigvals: torch.Tensor, tau: float, total: torch.Tensor | None = None):
@@ -104,7 +124,14 @@ def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
     triton backend's, which may be subspace_iteration's partial one)."""
     n, d = x.shape
     gram = n <= d
-    small = _finite(small_matrix(x.to(PCA_DTYPE), gram))
+    if gram:
+        small = small_matrix(x.to(PCA_DTYPE), True)
+    else:  # Σ over row blocks of X̂_bᵀX̂_b, each exactly symmetric
+        blocks = row_blocks(n, d)
+        small = small_matrix(x[blocks[0]].to(PCA_DTYPE), False)
+        for r in blocks[1:]:
+            small += small_matrix(x[r].to(PCA_DTYPE), False)
+    small = _finite(small)
     if subspace is not None:
         return subspace(small, tau, gram)
     return full_subspace(small, tau, gram, eigh)
@@ -178,16 +205,19 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     (λ_i − A)⁻¹ on the rest applied to S v_i.
 
     Computed in the basis' dtype (PCA_DTYPE: the products with the basis and the division
-    by the gaps are where float32 loses the gradient at high τ), returned in x's.
+    by the gaps are where float32 loses the gradient at high τ), returned in x's; in the
+    cov space (N > d, where N may be large) over row blocks (row_blocks).
     """
-    out_dtype = x.dtype
-    x, z, b, grad_z, grad_b = (t.to(parts.kept.dtype) for t in (x, z, b, grad_z, grad_b))
+    out_dtype, dtype = x.dtype, parts.kept.dtype
+    b, grad_b = b.to(dtype), grad_b.to(dtype)
     lam = sub.eigvals
     floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
     if sub.gram:
+        x, z, grad_z = x.to(dtype), z.to(dtype), grad_z.to(dtype)
         s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
     else:
-        s_kept = 0.5 * (x.T @ grad_z + grad_b)  # S V_m
+        blocks = row_blocks(*x.shape)
+        s_kept = 0.5 * (_t_product(x, grad_z, blocks, dtype) + grad_b)  # S V_m
     gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     k12 = (parts.rest.T @ s_kept).T / gap
     if parts.across is not None:
@@ -201,16 +231,21 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     if sub.gram:
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
         grad_x = torch.cat([z, 2.0 * w], 1) @ torch.cat([grad_b.T + 2.0 * (w.T @ x), b.T], 0)
-    else:
-        # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
-        grad_x = torch.cat([grad_z + 2.0 * (x @ w), 2.0 * z], 1) @ torch.cat([b.T, w.T], 0)
-    return grad_x.to(out_dtype)
+        return grad_x.to(out_dtype)
+    # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
+    right = torch.cat([b.T, w.T], 0)
+    grad_x = torch.empty_like(x)
+    for r in blocks:
+        left = torch.cat([grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ w), 2.0 * z[r].to(dtype)], 1)
+        grad_x[r] = left @ right
+    return grad_x
 
 
 def centring_backward(grad_x: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:
-    """Chain rule through X̂ = u - mean(u) and the mean output (used as ū in u' = ... + ū)."""
+    """Chain rule through X̂ = u - mean(u) and the mean output (used as ū in u' = ... + ū).
+    In place: grad_x is factor_backward's own (an N x d copy less at large N)."""
     n = grad_x.shape[0]
-    return grad_x - grad_x.mean(0, keepdim=True) + grad_mean.reshape(1, -1) / n
+    return grad_x.sub_(grad_x.mean(0, keepdim=True)).add_(grad_mean.reshape(1, -1) / n)
 
 
 class _EighAtCutoff(torch.autograd.Function):

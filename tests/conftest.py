@@ -68,3 +68,31 @@ def triton_device():
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
     pytest.importorskip("triton")
     return torch.device("cpu")
+
+
+class LiveStorage(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the tensor storages created inside the mode and still alive, and their
+    peak: run on meta tensors, the memory a step would hold at any size, on a machine
+    without that memory (or a GPU). Storages made outside (the inputs) are not counted;
+    what a compiled op holds inside itself is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+        self.sizes = WeakIdKeyDictionary()
+        self.now = self.peak = 0
+
+    def _free(self, n):
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.sizes:
+                storage, n = t.untyped_storage(), t.untyped_storage().nbytes()
+                self.sizes[storage] = n
+                weakref.finalize(storage, self._free, n)
+                self.now += n
+                self.peak = max(self.peak, self.now)
+        return out

@@ -193,6 +193,41 @@ def test_cuda_backend_takes_the_route(cuda):
     assert torch.allclose(tiles, strips, rtol=2e-2) and not torch.equal(tiles, strips)
 
 
+CUDA_MEMORY_PROBE = """
+import sys, torch
+from himo_fast import backends
+from test_dual_infonce import _inputs, _pairs
+n, d = 32768, 2048
+rows, _ = _inputs(n, n, d, torch.bfloat16, "cuda")
+s = torch.tensor(20.0, device="cuda", requires_grad=True)
+f = backends.select("cuda", "cuda").dual_infonce
+with backends.cuda_route(sys.argv[1]):
+    for _ in range(2):  # the first call warms cuBLAS up
+        for t in rows: t.grad = None
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        g, c = f(_pairs(rows), None, s, 0, 0.1); (g + c).backward(); torch.cuda.synchronize()
+print(base, torch.cuda.max_memory_allocated())
+"""
+
+
+@pytest.mark.parametrize("route", ["strips", "tiles"])
+def test_cuda_backward_holds_one_fp32_accumulator(cuda, route):
+    # N=32768, d=2048, bf16, square, forward + backward. Beyond the inputs and their
+    # gradients (each of the 4: N x d bf16, 128 MiB): one fp32 accumulator of a columns'
+    # gradient (256 MiB) and one strip of weights (2^25 of them: the strips route's fp32
+    # logits and their bf16 copy, the tiles' bf16 only). Before 2026-12-07 the rows'
+    # gradient was a second fp32 accumulator and each strip's Wᵀ·R a third fp32 [N, d]
+    # tensor: ≥ 768 MiB.
+    n, d = 32768, 2048
+    out = assert_ran(run_fresh(CUDA_MEMORY_PROBE, route))
+    base, peak = map(int, out.split()[-2:])
+    extra = peak - base - 4 * n * d * 2
+    bound = n * d * 4 + (2**25) * (6 if route == "strips" else 2) + 64 * 2**20
+    print(f"{route}: extra {extra / 2**20:.1f} MiB beyond inputs and gradients, bound {bound / 2**20:.0f} MiB")
+    assert 0 < extra < bound
+
+
 def _one_pair_has_exactly_zero_gradient(device, fn=dual_infonce):
     # One pair: softmax = target = 1, so the exact gradient is 0. Formed as s·P·b - s·b
     # it would be rounding noise of size ulp(s); the kernel forms g·(P - y) per logit.

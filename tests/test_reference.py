@@ -156,6 +156,55 @@ def test_factors_sliced_equal_masked(n, d):
     assert rel(out[True][1], out[False][1]) <= 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_blocks_give_the_unblocked_values_and_gradient(monkeypatch, dtype):
+    """The covariance and the backward's products over N go by row blocks in float64
+    (bounded memory at large N): 37 rows of width 7 in blocks of 5 (the last of 2) give
+    what one block gives, to float64 rounding, for both layouts; gradcheck through them."""
+    from himo_fast import pca
+    from himo_fast.factors import hide_factors, materialize, component_image, component_text
+    assert [(r.start, r.stop) for r in pca.row_blocks(12, 7)] == [(0, 12)]
+    monkeypatch.setattr(pca, "PCA_BLOCK_ELEMENTS", 35)
+    assert [(r.start, r.stop) for r in pca.row_blocks(12, 7)] == [(0, 5), (5, 10), (10, 12)]
+    v, u = pairs(37, 7)
+    v, u = (t.detach().to(dtype).requires_grad_() for t in (v, u))
+    w = torch.randn(37, 7, dtype=dtype)
+
+    def run(sliced):
+        u.grad = v.grad = None
+        f = hide_factors(u, 0.8, sliced=sliced)
+        loss = (materialize(f) * w).sum() + (component_image(f, v) @ component_text(f).T).sum()
+        loss.backward()
+        return loss.detach(), u.grad.clone(), v.grad.clone()
+
+    for sliced in (True, False):
+        blocked = run(sliced)
+        monkeypatch.setattr(pca, "PCA_BLOCK_ELEMENTS", 1 << 22)
+        whole = run(sliced)
+        monkeypatch.setattr(pca, "PCA_BLOCK_ELEMENTS", 35)
+        for a, b in zip(blocked, whole):
+            assert a.dtype == dtype and rel(a, b) <= (1e-12 if dtype == torch.float64 else 1e-6)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: materialize(hide_factors(x, 0.8)), (u,))
+
+
+def test_hide_memory_at_n_262144_is_a_few_fp32_copies():
+    """HiDe forward + backward at N=262144, d=768 (float32, masked factors) on meta
+    tensors: what it holds beyond its input is x̂ and Z (saved), the incoming gradient of Z
+    and the outgoing one of u, one N x d float32 each (768 MiB), plus float64 row blocks.
+    Whole float64 copies of the batch (1.5 GiB each) took it to 13 GiB before 2026-12-07."""
+    from conftest import LiveStorage
+    from himo_fast.factors import hide_factors
+    n, d = 262144, 768
+    u = torch.empty(n, d, device="meta").requires_grad_()
+    with LiveStorage() as live:
+        f = hide_factors(u, 0.9)
+        torch.autograd.backward([f.coords, f.basis], [torch.empty_like(f.coords), torch.empty_like(f.basis)])
+    copy = n * d * 4
+    print(f"peak {live.peak / 2**20:.0f} MiB = {live.peak / copy:.2f} N x d float32 copies")
+    assert 3 * copy < live.peak < 4 * copy + 320 * 2**20  # blocks: 8 of 32 MiB at most
+
+
 @pytest.mark.parametrize("n,d", [(24, 16), (12, 20)])  # covariance, Gram
 def test_factors_compiled_equal_eager(n, d):
     """torch.compile(fullgraph) traces HiDe's autograd function: same values and gradient.

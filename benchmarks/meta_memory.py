@@ -1,0 +1,72 @@
+"""What a MoLo step holds in memory at any N, counted on meta tensors (no GPU, no memory).
+
+    python benchmarks/meta_memory.py [--n 262144] [--d 768] [--backend cuda] [--route strips]
+
+Runs the loss forward and backward on meta tensors (bf16 features, as on a GPU) under
+tests/conftest.py's LiveStorage and prints the peak of the storages it creates beyond the
+inputs and their gradients, and what is alive when the dual InfoNCE op is called. Not
+seen: what a compiled op allocates inside itself. For `himo_fast::dual_ce` add, at its
+backward, one fp32 accumulator of a branch's columns' gradient (N·width·4 bytes) and one
+strip of weights (2^25 logits: 192 MiB strips, 64 MiB tiles); at its forward, tiles, the
+column partials (≤ 528 row blocks × N × 8 bytes). On 2026-12-07 it showed HiDe's whole
+float64 copies (13 GiB at N = 262144), since cut to row blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import LiveStorage  # noqa: E402
+
+import himo_fast  # noqa: E402
+from himo_fast import backends  # noqa: E402
+
+
+class Calls(LiveStorage):
+    """LiveStorage, noting the live bytes as each dual InfoNCE op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.at_op = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if "dual_ce" in str(func):
+            self.at_op.append((str(func), self.now))
+        return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=262144)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--backend", default="cuda", help="a backend whose ops have meta kernels")
+    p.add_argument("--route", default="strips", choices=["strips", "tiles"])
+    a = p.parse_args(argv)
+    impl = backends._REGISTRY[a.backend].build("cuda")  # its GPU form, run on meta tensors
+    if not isinstance(impl, backends.Impl):
+        print(f"backend {a.backend!r} cannot be built here: {impl}")
+        return 1
+    backends._BUILT[(a.backend, "meta")] = impl
+    backends.CUDA_ROUTE = a.route
+    img, txt = (torch.empty(a.n, a.d, device="meta", dtype=torch.bfloat16).requires_grad_()
+                for _ in range(2))
+    scale = torch.tensor(100.0, device="meta", requires_grad=True)
+    loss = himo_fast.MoLo(tau=0.9, label_smoothing=0.1, backend=a.backend)
+    MiB, grads = 2**20, 2 * a.n * a.d * 2
+    with Calls() as live:
+        loss(img, txt, scale).backward()
+    print(f"MoLo ({a.backend}, {a.route}), N={a.n}, d={a.d}, bf16: peak beyond inputs and "
+          f"gradients {(live.peak - grads) / MiB:.0f} MiB (one N x d fp32 tensor is "
+          f"{a.n * a.d * 4 / MiB:.0f} MiB)")
+    for name, now in live.at_op:
+        print(f"  alive when {name} returns: {now / MiB:.0f} MiB (its outputs included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
