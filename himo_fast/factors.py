@@ -1,7 +1,9 @@
 """HiDe (centre → PCA → reconstruction) as factors, with its autograd.
 
 The reconstruction u' = X̂Π + ū is kept as factors (Z, B, ū) with u' = Z Bᵀ + 1ūᵀ, where
-B has one column per kept component (pca.factor). Every consumer goes through them:
+B has one column per kept component (pca.factor), or, for the fixed-size (masked) basis of
+the covariance space, (Z, B) = (X̂, Π): no N x d tensor beyond X̂, which the backward
+keeps anyway. Every consumer goes through them:
 
 - ``materialize``: u' itself (N x d), where a consumer needs it (``himo_fast.hide``, the
   gathered columns of the per-rank recipe).
@@ -68,6 +70,7 @@ class Saved(NamedTuple):
     tensors: tuple  # (x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial)
     gram: bool
     partial: tuple | None  # (block, steps) of a subspace_iteration.PartialBasis
+    projector: bool = False  # (Z, B) = (X̂, Π): pca.factor's masked full cov basis
 
 
 def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
@@ -78,13 +81,15 @@ def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
         raise ValueError("himo_fast: a partial (block) basis needs the masked layout "
                          "(sliced=False)")
     parts = split(sub, sliced)
-    z, b = factor(x, sub, parts, ops.product)
+    projector = not (sub.gram or sliced) and sub.partial is None
+    z, b = factor(x, sub, parts, ops.product, projector)
     across = parts.across if parts.across is not None else x.new_empty(0)
     partial = sub.partial
     tensors = (x, sub.eigvals, parts.kept, parts.rest, parts.lam_kept, parts.lam_rest,
                across, z, b, *((partial.small, partial.ok) if partial is not None else ()))
     return (z, b, mean), Saved(tensors, sub.gram,
-                               (partial.block, partial.steps) if partial is not None else None)
+                               (partial.block, partial.steps) if partial is not None else None,
+                               projector)
 
 
 def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
@@ -96,7 +101,7 @@ def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
     grad_z = torch.zeros_like(z) if grad_z is None else grad_z
     grad_b = torch.zeros_like(b) if grad_b is None else grad_b
     grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
-    grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b)
+    grad_x = factor_backward(x, sub, parts, z, b, grad_z, grad_b, saved.projector)
     return centring_backward(grad_x, grad_mean)
 
 

@@ -176,14 +176,19 @@ def split(sub: Subspace, sliced: bool) -> Split:
                  keep_f[:, None] * (1.0 - keep_f)[None, :])
 
 
-def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul):
+def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul,
+           projector: bool = False):
     """(Z, B) with X̂Π = Z Bᵀ (the centred reconstruction, never formed here).
 
     cov space:  Z = X̂ V_m (N x m), B = V_m (d x m)
     gram space: Z = U_m (N x m),   B = X̂ᵀ U_m (d x m)
+    ``projector`` (cov space, the masked full basis: m is d there, so Z = X̂V_m would be
+    one more N x d tensor): Z = X̂ itself, B = Π = V_m V_mᵀ (d x d).
 
     In x's dtype (the basis is PCA_DTYPE).
     """
+    if projector:
+        return x, (parts.kept @ parts.kept.T).to(x.dtype)
     kept = parts.kept.to(x.dtype)
     if sub.gram:
         return kept, matmul(x.T, kept)
@@ -191,7 +196,8 @@ def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul):
 
 
 def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tensor,
-                    b: torch.Tensor, grad_z: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+                    b: torch.Tensor, grad_z: torch.Tensor, grad_b: torch.Tensor,
+                    projector: bool = False) -> torch.Tensor:
     """∂L/∂X̂ for L(Z, B) that depends on (Z, B) only through Z Bᵀ = X̂Π (SPEC section 3).
 
     With R̄ = ∂L/∂(X̂Π) we have ∂L/∂Z = R̄B and ∂L/∂B = R̄ᵀZ, so R̄ enters the exact subspace
@@ -204,6 +210,9 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     Column i of W = rest Kᵀ is Σ_j rest_j (rest_jᵀ S v_i)/(λ_i − λ_j), the resolvent
     (λ_i − A)⁻¹ on the rest applied to S v_i.
 
+    ``projector`` (factor's (Z, B) = (X̂, Π)): ∂L/∂Z = R̄Π and ∂L/∂B = R̄ᵀX̂ = (X̂ᵀR̄)ᵀ, so
+    S V_m and R̄Π come without a product over N, and ∂L/∂X̂ = ∂L/∂Z + 2 X̂ C̄ is one.
+
     Computed in the basis' dtype (PCA_DTYPE: the products with the basis and the division
     by the gaps are where float32 loses the gradient at high τ), returned in x's; in the
     cov space (N > d, where N may be large) over row blocks (row_blocks).
@@ -215,9 +224,10 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     if sub.gram:
         x, z, grad_z = x.to(dtype), z.to(dtype), grad_z.to(dtype)
         s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
+    elif projector:
+        s_kept = 0.5 * (grad_b.T + grad_b) @ parts.kept  # S V_m
     else:
-        blocks = row_blocks(*x.shape)
-        s_kept = 0.5 * (_t_product(x, grad_z, blocks, dtype) + grad_b)  # S V_m
+        s_kept = 0.5 * (_t_product(x, grad_z, row_blocks(*x.shape), dtype) + grad_b)  # S V_m
     gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     k12 = (parts.rest.T @ s_kept).T / gap
     if parts.across is not None:
@@ -232,9 +242,15 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
         grad_x = torch.cat([z, 2.0 * w], 1) @ torch.cat([grad_b.T + 2.0 * (w.T @ x), b.T], 0)
         return grad_x.to(out_dtype)
+    blocks, grad_x = row_blocks(*x.shape), torch.empty_like(x)
+    if projector:  # C̄ = V_m Wᵀ + W V_mᵀ
+        c = w @ parts.kept.T
+        c = c + c.T
+        for r in blocks:
+            grad_x[r] = grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ c)
+        return grad_x
     # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
     right = torch.cat([b.T, w.T], 0)
-    grad_x = torch.empty_like(x)
     for r in blocks:
         left = torch.cat([grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ w), 2.0 * z[r].to(dtype)], 1)
         grad_x[r] = left @ right

@@ -190,9 +190,10 @@ def test_row_blocks_give_the_unblocked_values_and_gradient(monkeypatch, dtype):
 
 def test_hide_memory_at_n_262144_is_a_few_fp32_copies():
     """HiDe forward + backward at N=262144, d=768 (float32, masked factors) on meta
-    tensors: what it holds beyond its input is x̂ and Z (saved), the incoming gradient of Z
-    and the outgoing one of u, one N x d float32 each (768 MiB), plus float64 row blocks.
-    Whole float64 copies of the batch (1.5 GiB each) took it to 13 GiB before 2026-12-07."""
+    tensors: what it holds beyond its input is X̂ (saved; Z is X̂ itself), the incoming
+    gradient of Z and the outgoing one of u, one N x d float32 each (768 MiB), plus
+    float64 row blocks. Whole float64 copies of the batch (1.5 GiB each) and Z = X̂V with V
+    d wide took it to 13 GiB before 2026-12-07."""
     from conftest import LiveStorage
     from himo_fast.factors import hide_factors
     n, d = 262144, 768
@@ -202,7 +203,7 @@ def test_hide_memory_at_n_262144_is_a_few_fp32_copies():
         torch.autograd.backward([f.coords, f.basis], [torch.empty_like(f.coords), torch.empty_like(f.basis)])
     copy = n * d * 4
     print(f"peak {live.peak / 2**20:.0f} MiB = {live.peak / copy:.2f} N x d float32 copies")
-    assert 3 * copy < live.peak < 4 * copy + 320 * 2**20  # blocks: 8 of 32 MiB at most
+    assert 3 * copy < live.peak < 3 * copy + 320 * 2**20  # blocks: 8 of 32 MiB at most
 
 
 @pytest.mark.parametrize("n,d", [(24, 16), (12, 20)])  # covariance, Gram
