@@ -318,6 +318,16 @@ def _mm_acc(a, b):
     return torch.mm(a, b)
 
 
+def _addmm_acc_(acc, a, b):
+    """acc += a @ b in place, as _mm_acc computes a @ b: no product-sized temporary (at
+    N = 262144, d = 768 a new fp32 [N, d] tensor each strip: 768 MiB and its traffic)."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return acc.addmm_(a.float(), b.float())
+    return acc.addmm_(a, b)
+
+
 def strips_backward(p, q, s, side_p, side_q, shift):
     """(dP, dQ, ds) of the logits s·p·qᵀ, with W written in bounded strips of rows (the
     inputs' dtype, STRIP_ELEMENTS at most) and both products by cuBLAS: one recompute of
@@ -340,7 +350,7 @@ def strips_backward(p, q, s, side_p, side_q, shift):
             r0 + rows, HAS_Q=side_q is not None, PRECISION=dot_precision(p),
             UPCAST=interpreted_bf16(p), **b)
         dp[r0:r0 + rows] = _mm_acc(w[:rows], q) * s
-        dq += _mm_acc(w[:rows].T, p[r0:r0 + rows])
+        _addmm_acc_(dq, w[:rows].T, p[r0:r0 + rows])
         ds += dsp[:rows].sum()
     return dp, dq.mul_(s).to(q.dtype), ds
 
