@@ -70,7 +70,7 @@ class Saved(NamedTuple):
     tensors: tuple  # (x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial)
     gram: bool
     partial: tuple | None  # (block, steps) of a subspace_iteration.PartialBasis
-    projector: bool = False  # (Z, B) = (X̂, Π): pca.factor's masked full cov basis
+    projector: bool = False  # (Z, B) = (X̂, Π): pca.factor's masked cov-space layout
 
 
 def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
@@ -81,7 +81,7 @@ def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
         raise ValueError("himo_fast: a partial (block) basis needs the masked layout "
                          "(sliced=False)")
     parts = split(sub, sliced)
-    projector = not (sub.gram or sliced) and sub.partial is None
+    projector = not (sub.gram or sliced)
     z, b = factor(x, sub, parts, ops.product, projector)
     across = parts.across if parts.across is not None else x.new_empty(0)
     partial = sub.partial

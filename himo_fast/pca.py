@@ -182,8 +182,9 @@ def factor(x: torch.Tensor, sub: Subspace, parts: Split, matmul=torch.matmul,
 
     cov space:  Z = X̂ V_m (N x m), B = V_m (d x m)
     gram space: Z = U_m (N x m),   B = X̂ᵀ U_m (d x m)
-    ``projector`` (cov space, the masked full basis: m is d there, so Z = X̂V_m would be
-    one more N x d tensor): Z = X̂ itself, B = Π = V_m V_mᵀ (d x d).
+    ``projector`` (cov space, masked layout: the basis is d columns wide whatever m, a
+    subspace-iteration block included, so Z = X̂V_m would be one more N x d tensor):
+    Z = X̂ itself, B = Π = V_m V_mᵀ (d x d).
 
     In x's dtype (the basis is PCA_DTYPE).
     """
