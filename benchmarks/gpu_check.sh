@@ -83,10 +83,10 @@ stage_tests() {  # the whole suite: GPU tests and the Triton kernels run compile
 }
 
 stage_memcheck() {  # cuda: its strips, and in bf16 its CUDA C++ tiles (d=96: 16-byte
-  # loads, d=100: scalar ones); triton d=96: the fused InfoNCE's recompute route, d=300: its
-  # strip route
+  # loads, d=100: scalar ones; the driver's in-place bf16 addmm_out); triton d=96: the
+  # fused InfoNCE's recompute route, d=300: its strip route (bf16: the in-place addmm)
   for run in "cuda 96 float32 strips" "cuda 96 bfloat16 tiles" "cuda 100 float16 tiles" \
-      "triton 96 float32 strips" "triton 300 float32 strips"; do
+      "triton 96 float32 strips" "triton 300 float32 strips" "triton 300 bfloat16 strips"; do
     set -- $run
     (cd /tmp && HIMO_FAST_CUDA_ROUTE=$4 timeout 150 compute-sanitizer --tool memcheck \
       --error-exitcode 1 python3 -m himo_fast --device cuda --n 257 --d $2 --dtype $3 --steps 1 \
