@@ -65,11 +65,12 @@ def row_blocks(n: int, d: int) -> list[slice]:
     return [slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
-def _sum_over(blocks: list[slice], part) -> torch.Tensor:
-    """Σ part(r) over the row blocks, accumulated in place (one block: part itself)."""
-    out = part(blocks[0])
-    for r in blocks[1:]:
-        out += part(r)
+def _t_product(x: torch.Tensor, y: torch.Tensor, blocks: list[slice], dtype) -> torch.Tensor:
+    """xᵀy in ``dtype``, summed over row blocks of both."""
+    out = None
+    for r in blocks:
+        part = x[r].to(dtype).T @ y[r].to(dtype)
+        out = part if out is None else out.add_(part)
     return out
 
 
@@ -126,7 +127,10 @@ def principal_subspace(x: torch.Tensor, tau: float, small_matrix=gram_or_cov,
     if gram:
         small = small_matrix(x.to(PCA_DTYPE), True)
     else:  # Σ over row blocks of X̂_bᵀX̂_b, each exactly symmetric
-        small = _sum_over(row_blocks(n, d), lambda r: small_matrix(x[r].to(PCA_DTYPE), False))
+        blocks = row_blocks(n, d)
+        small = small_matrix(x[blocks[0]].to(PCA_DTYPE), False)
+        for r in blocks[1:]:
+            small += small_matrix(x[r].to(PCA_DTYPE), False)
     small = _finite(small)
     if subspace is not None:
         return subspace(small, tau, gram)
@@ -215,7 +219,6 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     cov space (N > d, where N may be large) over row blocks (row_blocks).
     """
     out_dtype, dtype = x.dtype, parts.kept.dtype
-    blocks = row_blocks(*x.shape)  # cov space only
     b, grad_b = b.to(dtype), grad_b.to(dtype)
     lam = sub.eigvals
     floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
@@ -225,8 +228,7 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     elif projector:
         s_kept = 0.5 * (grad_b.T + grad_b) @ parts.kept  # S V_m
     else:
-        xt_grad_z = _sum_over(blocks, lambda r: x[r].to(dtype).T @ grad_z[r].to(dtype))
-        s_kept = 0.5 * (xt_grad_z + grad_b)  # S V_m
+        s_kept = 0.5 * (_t_product(x, grad_z, row_blocks(*x.shape), dtype) + grad_b)  # S V_m
     gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     k12 = (parts.rest.T @ s_kept).T / gap
     if parts.across is not None:
@@ -241,7 +243,7 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
         # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
         grad_x = torch.cat([z, 2.0 * w], 1) @ torch.cat([grad_b.T + 2.0 * (w.T @ x), b.T], 0)
         return grad_x.to(out_dtype)
-    grad_x = torch.empty_like(x)
+    blocks, grad_x = row_blocks(*x.shape), torch.empty_like(x)
     if projector:  # C̄ = V_m Wᵀ + W V_mᵀ
         c = w @ parts.kept.T
         c = c + c.T
