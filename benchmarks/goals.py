@@ -2,6 +2,8 @@
 
     python benchmarks/goals.py hide     # issue 15: HiDe's eigensolver path on an H100
     python benchmarks/goals.py infonce  # issue 16: the dual InfoNCE at large N (with Inf-CL)
+    python benchmarks/goals.py col_grad # issue 16: a square branch's columns' gradient,
+                                        # accumulated or recomputed, at N = 2^17 and 2^18
     ... --json FILE                     # the rows as JSON too (gpu_check.sh: goals_* stages)
     ... --quick                         # small shapes (CI runs this on the CPU, so it cannot rot)
 
@@ -315,6 +317,43 @@ def infonce_table(quick: bool, rounds: int, rows: list):
             rows.append(row(name, None, "<= 0.1 ms", False, note=f"capture failed: {e}"[:200]))
 
 
+def col_grad_table(quick: bool, rounds: int, rows: list):
+    """The cuda backend's square dual InfoNCE (bf16, the strips route, d = 768, component
+    width 65) by col_grad: "recompute" against "accumulate", time and memory, where
+    csrc/dual_infonce_cuda.cu's cost model puts the switch (it recomputes below 256 rows
+    a strip: N > 131072)."""
+    from himo_fast.dual_infonce import dual_infonce
+    goal = "faster where auto recomputes only"
+    if not CUDA or "cuda" not in himo_fast.available_backends(DEVICE):
+        rows.append(missing("dual InfoNCE fwd+bwd, col_grad recompute vs accumulate", goal,
+                            "needs CUDA and the cuda backend"))
+        return
+    d, width = 768, 65
+    for n in ((4096,) if quick else (131072, 262144)):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        feats = [torch.nn.functional.normalize(
+            torch.randn(n, w, device=DEVICE, generator=g), dim=-1).to(torch.bfloat16).requires_grad_()
+            for w in (d, d, width, width)]
+        s = torch.tensor(20.0, device=DEVICE, requires_grad=True)
+        measured = {}
+        for col_grad in ("accumulate", "recompute"):
+            def step(col_grad=col_grad):
+                for t in (*feats, s):
+                    t.grad = None
+                gl, cl = dual_infonce(((feats[0], feats[1]), (feats[2], feats[3])), None, s, 0,
+                                      0.1, kernel_dtype=torch.bfloat16, col_grad=col_grad)
+                (gl + cl).backward()
+            grads = sum(t.numel() * 2 for t in feats)
+            measured[col_grad] = (median_ms(step, rounds), peak_extra_bytes(step, grads) / 2**20)
+            torch.cuda.empty_cache()
+        (ta, ma), (tr, mr) = measured["accumulate"], measured["recompute"]
+        recomputes = 2**25 // n < 256  # the auto rule (kCudaStripElements, kCudaRecomputeBelowRows)
+        rows.append(row(f"N={n}, d={d}: dual InfoNCE fwd+bwd, col_grad recompute / accumulate",
+                        tr / ta, goal, (tr < ta) if recomputes else (tr >= ta), "x",
+                        f"{tr:.1f} vs {ta:.1f} ms; extra memory {mr:.0f} vs {ma:.0f} MiB; "
+                        f"auto {'recomputes' if recomputes else 'accumulates'}"))
+
+
 def line(r) -> str:
     value = "n/a" if r["value"] is None else f"{r['value']:.3g} {r['unit']}"
     met = {True: "yes", False: "NO", None: "-"}[r["met"]]
@@ -343,7 +382,7 @@ class LiveRows(list):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=["hide", "infonce"])
+    p.add_argument("table", choices=["hide", "infonce", "col_grad"])
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="timed runs per measure (median)")
     p.add_argument("--json", help="write the rows here too")
@@ -362,7 +401,8 @@ def main(argv=None):
         pass
     print(json.dumps(info))
     rows = LiveRows(info, a.json)
-    (hide_table if a.table == "hide" else infonce_table)(a.quick, rounds, rows)
+    tables = dict(hide=hide_table, infonce=infonce_table, col_grad=col_grad_table)
+    tables[a.table](a.quick, rounds, rows)
     print(f"\n{'measure':<72} {'value':>12} {'goal':>26}  met")
     for r in rows:
         print(line(r))

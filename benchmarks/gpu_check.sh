@@ -3,12 +3,13 @@
 # (and a copy under $OUT when run through the device tool).
 #   bash benchmarks/gpu_check.sh [STAGE ...]
 #   stages: build tests memcheck timing probe_eigh profile_jacobi bench demo train train_step
-#           goals_hide goals_infonce tiles_infonce
+#           goals_hide goals_infonce goals_col_grad tiles_infonce
 #   (bench = bench_hide + bench_losses; demo = python -m himo_fast.demo --preset gpu, its
 #   results.json and curves.png copied next to the results file; train = the training
 #   command end to end, 2 epochs amp_bf16 on the generated dataset; goals_* = the goal
 #   tables of issues 15 (HiDe) and 16 (dual InfoNCE: strips, Triton tiles, CUDA C++ tiles,
-#   with Inf-CL), benchmarks/goals.py;
+#   with Inf-CL; col_grad: a square branch's columns' gradient accumulated or recomputed
+#   at N = 2^17 and 2^18), benchmarks/goals.py;
 #   tiles_infonce = the fused Triton InfoNCE's tile sweep, benchmarks/infonce_tiles.py)
 # No stage named: all of them, in that order; `build` always runs first (the machine is
 # bare; BUILD=0 keeps what an earlier call on the same warm machine installed from the
@@ -144,6 +145,11 @@ stage_goals_hide() {  # issue 15's table: HiDe N=128/1024, paper-rank, single-1k
 stage_goals_infonce() {  # issue 16's table: 64k vs ClipLoss and Inf-CL, TFLOP/s, 256k memory
   (cd /tmp && timeout ${GOALS_TIMEOUT:-420} python3 "$here/benchmarks/goals.py" infonce \
     --json "$here/${json%.json}-goals-infonce.json" 2>&1 | tail -12)
+}
+
+stage_goals_col_grad() {  # issue 16: the columns' gradient accumulated vs recomputed, N=2^17, 2^18
+  (cd /tmp && timeout ${GOALS_TIMEOUT:-420} python3 "$here/benchmarks/goals.py" col_grad \
+    --rounds 3 --json "$here/${json%.json}-goals-col-grad.json" 2>&1 | tail -6)
 }
 
 stage_tiles_infonce() {  # the fused Triton InfoNCE's tile sweep (pick FWD/BWD_BLOCKS from it)

@@ -6,10 +6,11 @@ Runs the loss forward and backward on meta tensors (bf16 features, as on a GPU) 
 tests/conftest.py's LiveStorage and prints the peak of the storages it creates beyond the
 inputs and their gradients, and what is alive when the dual InfoNCE op is called. Not
 seen: what a compiled op allocates inside itself. For `himo_fast::dual_ce` add, at its
-backward, one fp32 accumulator of a branch's columns' gradient (N·width·4 bytes) and one
-strip of weights (2^25 logits: 192 MiB strips, 64 MiB tiles); at its forward, tiles, the
-column partials (≤ 528 row blocks × N × 8 bytes). On 2026-12-07 it showed HiDe's whole
-float64 copies (13 GiB at N = 262144), since cut to row blocks.
+backward, one strip of weights (2^25 logits: 192 MiB strips, 64 MiB tiles) and, where
+col_grad "auto" accumulates the columns' gradient (N ≤ 131072 on CUDA), one fp32
+accumulator of it (N·width·4 bytes); at its forward, tiles, the column partials (≤ 528
+row blocks × N × 8 bytes). The script prints that estimate too. On 2026-12-07 it showed
+HiDe's whole float64 copies (13 GiB at N = 262144), since cut to row blocks.
 """
 from __future__ import annotations
 
@@ -65,6 +66,13 @@ def main(argv=None) -> int:
           f"{a.n * a.d * 4 / MiB:.0f} MiB)")
     for name, now in live.at_op:
         print(f"  alive when {name} returns: {now / MiB:.0f} MiB (its outputs included)")
+    # inside the op's backward (not seen above): the device constants of dual_infonce_cuda.cu
+    strip_rows = max(1, min(a.n, 2**25 // a.n))
+    accumulator = a.n * a.d * 4 if strip_rows >= min(a.n, 256) else 0
+    strip = 2**25 * (6 if a.route == "strips" else 2)
+    print(f"  inside dual_ce_backward (by hand): {strip / MiB:.0f} MiB of weights strip, "
+          f"{accumulator / MiB:.0f} MiB of columns' accumulator (col_grad auto "
+          f"{'accumulates' if accumulator else 'recomputes'} at {strip_rows} rows a strip)")
     return 0
 
 

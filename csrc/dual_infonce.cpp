@@ -246,10 +246,11 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
 // strip of logits recomputed (or copied from `kept`, the forward's, when defined) and
 // turned into W in place, or, tiled, W written directly by the tile kernel in R's dtype.
 // dR (R's dtype) is overwritten strip by strip, each strip scaled before it is rounded;
-// dC (the accumulation dtype) is accumulated into, in place.
+// dC (the accumulation dtype) is accumulated into, in place, and dscale added to, each
+// where defined. kept: [B, N] dot products, any strides (a transposed view included).
 void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
                   const at::Tensor& scale, const Side& rows, const Side& cols,
-                  int64_t label_offset, at::Tensor& dR, at::Tensor& dC, at::Tensor& dscale,
+                  int64_t label_offset, at::Tensor& dR, at::Tensor dC, at::Tensor dscale,
                   int64_t requested_rows, const at::Tensor& kept, bool tiled) {
   const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
@@ -267,29 +268,34 @@ void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
       w = w_strip.narrow(0, 0, rn);
       dev.tiles.weights(Rb, C, scale, rows.narrow(r0, rn), cols, label_offset + r0, w, ds);
     } else {
-      // A copy of the kept strip: ce_grad works in place, and the saved logits must
-      // survive for a second backward (retain_graph).
-      w = kept.defined() ? kept.narrow(0, r0, rn).clone() : mm_acc(Rb, Ct, acc);
+      // A contiguous copy of the kept strip: ce_grad works in place, and the saved logits
+      // must survive for a second backward (retain_graph).
+      w = kept.defined() ? kept.narrow(0, r0, rn).clone(at::MemoryFormat::Contiguous)
+                         : mm_acc(Rb, Ct, acc);
       k.ce_grad(w, scale, rows.narrow(r0, rn), cols, label_offset + r0, ds);
     }
-    dscale.add_(ds.sum());
+    if (dscale.defined()) dscale.add_(ds.sum());
     // Like flash-attention, the weights go back to the input precision for the
     // tensor-core products (the tile kernel writes them so); accumulation stays in fp32.
     const at::Tensor wm = w.scalar_type() != R.scalar_type() ? w.to(R.scalar_type()) : w;
     at::Tensor dR_strip = dR.narrow(0, r0, rn);
     if (low_precision) {
       dR_strip.copy_(at::mm(wm, C, acc).mul_(scale));
+    } else {
+      at::mm_out(dR_strip, wm, C);
+      dR_strip.mul_(scale);
+    }
+    if (!dC.defined()) continue;
+    if (low_precision) {
       // addmm's out_dtype overload (CUDA): bf16/fp16 operands, fp32 accumulated in place.
       // A product then add_ held an [N, d] fp32 temporary per strip (768 MiB at N =
       // 262144, d = 768) and moved twice the bytes.
       at::addmm_out(dC, dC, wm.t(), Rb, acc);
     } else {
-      at::mm_out(dR_strip, wm, C);
-      dR_strip.mul_(scale);
       dC.addmm_(wm.t(), Rb);
     }
   }
-  dC.mul_(scale);
+  if (dC.defined()) dC.mul_(scale);
 }
 
 // The label logits' dot products a_i·b_{i+offset}, and (with label smoothing) the mean
@@ -457,7 +463,8 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
                                         int64_t offset, double eps, const at::Tensor& nll,
                                         const at::Tensor& g_ce, const at::Tensor& g_nll,
                                         at::Tensor& dscale, int64_t strip,
-                                        const at::Tensor& kept, bool tiled) {
+                                        const at::Tensor& kept, bool tiled,
+                                        bool recompute_columns) {
   auto job = [&](int64_t j) { return kept_part(kept, j); };
   // The rows' gradients are written once, in the inputs' dtype; the columns' are
   // accumulated over the strips, in the scale's.
@@ -467,6 +474,17 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
   const int64_t da = br.a_r.size(1);
   const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0], strip);
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1], strip);
+  if (br.square && recompute_columns) {
+    // W of s·a·bᵀ row by row for dA, then Wᵀ (the weights of s·b·aᵀ, the sides swapped,
+    // the same two terms summed) row by row for dB; the scale's gradient counted once.
+    const at::Tensor kept = job(0);
+    at::Tensor d_a = at::empty({B, da}, row_opts), d_b = at::empty({B, da}, row_opts);
+    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, at::Tensor(), dscale, strip, kept,
+                 tiled);
+    job_backward(dev, br.b_r, br.a_r, s, ba, ab, 0, d_b, at::Tensor(), at::Tensor(), strip,
+                 kept.defined() ? kept.t() : kept, tiled);
+    return {d_a, d_b};
+  }
   if (br.square) {
     at::Tensor d_a = at::empty({B, da}, row_opts), d_b = at::zeros({B, da}, col_opts);
     job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled);
@@ -504,13 +522,29 @@ bool tiled_route(const Device& dev, c10::string_view route, at::ScalarType featu
   return true;
 }
 
+// Whether a square branch's columns' gradient is recomputed (dual_infonce.h, col_grad);
+// checks the option's value for the forward too.
+bool recompute_columns(const Device& dev, c10::string_view col_grad, const Inputs& in,
+                       int64_t requested_rows) {
+  TORCH_CHECK_VALUE(col_grad == "auto" || col_grad == "accumulate" || col_grad == "recompute",
+                    "himo_fast dual_ce: col_grad must be 'auto', 'accumulate' or 'recompute', "
+                    "got '", std::string(col_grad), "'");
+  TORCH_CHECK_VALUE(col_grad != "recompute" || in.global.square,
+                    "himo_fast dual_ce: col_grad 'recompute' needs square branches (with "
+                    "columns, a transposed strip's rows may hold no label); got ", in.B,
+                    " rows against ", in.N, " columns");
+  if (col_grad != "auto") return col_grad == "recompute";
+  const int64_t rows = strip_rows(dev, in.B, in.N, requested_rows);
+  return in.global.square && rows < in.B && rows < dev.recompute_below_rows;
+}
+
 bool cpu_accepts(at::ScalarType features, at::ScalarType acc) { return features == acc; }
 
 }  // namespace
 
 const Device& cpu_device() {
   static const Device d{{cpu_row_nll, cpu_col_merge, cpu_ce_grad}, cpu_tile_kernels(),
-                        kCpuStripElements, "CPU", cpu_accepts,
+                        kCpuStripElements, /*recompute_below_rows=*/0, "CPU", cpu_accepts,
                         "float32 or float64, in the scale's dtype"};
   return d;
 }
@@ -518,11 +552,12 @@ const Device& cpu_device() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
     const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
     const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
-    int64_t strip, c10::string_view route) {
+    int64_t strip, c10::string_view route, c10::string_view col_grad) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
                                  label_smoothing);
+  recompute_columns(device, col_grad, in, strip);  // checked here, used by the backward
   const at::Tensor s = scale.reshape({}).contiguous();
   const auto opts = in.global.a_r.options().dtype(in.acc);
   at::Tensor ce = at::empty({4, in.B}, opts), nll = at::empty({4, in.B}, opts);
@@ -545,7 +580,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
     const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
     const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
     at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip, c10::string_view route) {
+    double label_smoothing, int64_t strip, c10::string_view route, c10::string_view col_grad) {
   // The strip GEMMs accumulate in fp32 whatever autocast region the loss is called from.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Inputs in = check_inputs(device, global_branch, comp_branch, scale, label_offset,
@@ -557,6 +592,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
                     in.B, "], got ", nll.sizes(), ", ", grad_ce.sizes(), " and ", grad_nll.sizes());
   const int64_t jobs = jobs_per_branch(in);
   const bool tiled = tiled_route(device, route, in.global.a_r.scalar_type());
+  const bool recompute = recompute_columns(device, col_grad, in, strip);
   TORCH_CHECK_VALUE(logits.numel() == 0 || !tiled,
                     "himo_fast dual_ce_backward: the tiles route takes no kept logits");
   TORCH_CHECK_VALUE(logits.numel() == 0 ||
@@ -573,10 +609,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
   auto g = branch_backward(device, in.global, s, label_offset, label_smoothing, two(l, 0),
                            two(g_ce, 0), two(g_nll, 0), dscale, strip, kept_part(per_branch, 0),
-                           tiled);
+                           tiled, recompute);
   auto c = branch_backward(device, in.comp, s, label_offset, label_smoothing, two(l, 2),
                            two(g_ce, 2), two(g_nll, 2), dscale, strip, kept_part(per_branch, 1),
-                           tiled);
+                           tiled, recompute);
   return {g, c, dscale};
 }
 

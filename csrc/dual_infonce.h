@@ -77,6 +77,9 @@ struct Device {
   StripKernels strips;
   TileKernels tiles;
   int64_t strip_elements;  // bound on one strip of logits (rows x columns)
+  // col_grad "auto": a square branch's columns' gradient is recomputed (below) when a strip
+  // has fewer rows than this (0: never).
+  int64_t recompute_below_rows;
   const char* name;
   bool (*accepts)(at::ScalarType features, at::ScalarType acc);  // input dtypes
   const char* dtypes;  // what it accepts, for the error message
@@ -95,18 +98,27 @@ struct Device {
 // empty. strip_rows > 0 forces the rows per block (tests): the strips, the tiles route's lse
 // calls and the label dot products; 0 picks each from its device or memory bound.
 // route: "strips" (GEMM strips of logits, then the StripKernels) or "tiles" (TileKernels;
-// keeps no logits).
+// keeps no logits). col_grad, for the backward (the forward checks it): how a square
+// branch's columns' gradient dB = s·Wᵀ·A is formed. "accumulate": from the row strips of
+// W, into an [N, width] accumulator in the accumulation dtype (one pass; per strip that
+// accumulator is read and written once: N³·width·8 / strip_elements bytes in all, cubic
+// in N). "recompute": as the rows' gradient of the transposed matrix s·B·Aᵀ, whose
+// weights are Wᵀ (the two sides swapped), in a second pass of strips: no accumulator,
+// written once in the inputs' dtype, for one more logits GEMM and weights pass. Columns
+// (rectangular branches) always accumulate: a transposed strip's rows may hold no label.
+// "auto": the device's rule (Device::recompute_below_rows).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
     const Device& device, at::TensorList global_branch, at::TensorList comp_branch,
     const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
-    int64_t strip_rows, c10::string_view route);
+    int64_t strip_rows, c10::string_view route, c10::string_view col_grad);
 
 // Gradients of each branch's tensors (same order, same count) and of the scale.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce_backward(
     const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
     const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,
     at::TensorList comp_branch, const at::Tensor& scale, int64_t label_offset,
-    double label_smoothing, int64_t strip_rows, c10::string_view route);
+    double label_smoothing, int64_t strip_rows, c10::string_view route,
+    c10::string_view col_grad);
 
 // The devices (dual_infonce.cpp, dual_infonce_cuda.cu) and their tile kernels
 // (dual_infonce_tiles.cpp, the CPU twin; dual_infonce_tiles_cuda.cu).

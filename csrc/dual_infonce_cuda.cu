@@ -134,6 +134,16 @@ void cuda_ce_grad(at::Tensor& dots, const at::Tensor& scale, const Side& rows, c
 // starve the chip).
 constexpr int64_t kCudaStripElements = int64_t(1) << 25;
 
+// col_grad "auto" (dual_infonce.h): per strip of `rows` rows, accumulating the columns'
+// gradient reads and writes [N, d] fp32 (8·N·d bytes); recomputing it costs one more
+// logits GEMM (2·rows·N·d FLOPs) and weights pass (≈ 14 bytes per logit on the strips
+// route: fp32 dots in and out, bf16 weights). On an H100 (3.35 TB/s, ≈ 600 dense bf16
+// TFLOP/s) the two break even near 270 rows, so below 256 (N > 131072 at 2^25 logits per
+// strip), recompute: at N = 262144, 128 rows, about half the time, and no 768 MiB
+// accumulator at d = 768. A model, not yet a measurement (benchmarks/gpu_check.sh times
+// both).
+constexpr int64_t kCudaRecomputeBelowRows = 256;
+
 bool cuda_accepts(at::ScalarType features, at::ScalarType acc) {
   return acc == at::kFloat &&
          (features == at::kFloat || features == at::kBFloat16 || features == at::kHalf);
@@ -143,7 +153,7 @@ bool cuda_accepts(at::ScalarType features, at::ScalarType acc) {
 
 const Device& cuda_device() {
   static const Device d{{cuda_row_nll, cuda_col_merge, cuda_ce_grad}, cuda_tile_kernels(),
-                        kCudaStripElements, "CUDA", cuda_accepts,
+                        kCudaStripElements, kCudaRecomputeBelowRows, "CUDA", cuda_accepts,
                         "float32, bfloat16 or float16 with a float32 scale"};
   return d;
 }

@@ -14,9 +14,10 @@ using Tensors = std::vector<at::Tensor>;
 template <const himo::Device& (*device)()>
 std::tuple<T, T, T> dual_ce(at::TensorList global_branch, at::TensorList comp_branch,
                             const T& scale, int64_t label_offset, double label_smoothing,
-                            bool keep_logits, int64_t strip_rows, c10::string_view route) {
+                            bool keep_logits, int64_t strip_rows, c10::string_view route,
+                            c10::string_view col_grad) {
   return himo::dual_ce(device(), global_branch, comp_branch, scale, label_offset,
-                       label_smoothing, keep_logits, strip_rows, route);
+                       label_smoothing, keep_logits, strip_rows, route, col_grad);
 }
 
 template <const himo::Device& (*device)()>
@@ -25,10 +26,11 @@ std::tuple<Tensors, Tensors, T> dual_ce_backward(const T& grad_ce, const T& grad
                                                  at::TensorList global_branch,
                                                  at::TensorList comp_branch, const T& scale,
                                                  int64_t label_offset, double label_smoothing,
-                                                 int64_t strip_rows, c10::string_view route) {
+                                                 int64_t strip_rows, c10::string_view route,
+                                                 c10::string_view col_grad) {
   return himo::dual_ce_backward(device(), grad_ce, grad_nll, nll, logits, global_branch,
                                 comp_branch, scale, label_offset, label_smoothing, strip_rows,
-                                route);
+                                route, col_grad);
 }
 
 bool built_with_cuda() {
@@ -50,16 +52,17 @@ bool built_with_cusolver() {
 }  // namespace
 
 // A branch is [a_r, b_r] (square) or [a_r, b_r, a_c, b_c] (rows against columns). route:
-// "strips" or "tiles" (dual_infonce.h).
+// "strips" or "tiles"; col_grad: "auto", "accumulate" or "recompute" (dual_infonce.h).
 TORCH_LIBRARY(himo_fast, m) {
   m.def(
       "dual_ce(Tensor[] global_branch, Tensor[] comp_branch, Tensor scale, int label_offset=0, "
       "float label_smoothing=0.0, bool keep_logits=False, int strip_rows=0, "
-      "str route=\"strips\") -> (Tensor ce, Tensor nll, Tensor logits)");
+      "str route=\"strips\", str col_grad=\"auto\") -> (Tensor ce, Tensor nll, Tensor logits)");
   m.def(
       "dual_ce_backward(Tensor grad_ce, Tensor grad_nll, Tensor nll, Tensor logits, "
       "Tensor[] global_branch, Tensor[] comp_branch, Tensor scale, int label_offset=0, "
-      "float label_smoothing=0.0, int strip_rows=0, str route=\"strips\") -> "
+      "float label_smoothing=0.0, int strip_rows=0, str route=\"strips\", "
+      "str col_grad=\"auto\") -> "
       "(Tensor[] global_grads, Tensor[] comp_grads, Tensor scale_grad)");
   m.def("sym_eigh(Tensor a, str algorithm=\"syevd\") -> "
         "(Tensor eigenvalues, Tensor eigenvectors, Tensor info)");

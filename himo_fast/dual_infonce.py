@@ -51,12 +51,13 @@ class FusedDualCE(NamedTuple):
 
 def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: float = 0.0, *,
                  kernel_dtype: torch.dtype | None = None, keep_logits: bool = False,
-                 strip_rows: int = 0, route: str = "strips", fused: bool = False, graphs=None):
+                 strip_rows: int = 0, route: str = "strips", col_grad: str = "auto",
+                 fused: bool = False, graphs=None):
     """(global, comp) losses, same contract as ``reference.dual_infonce_reference``.
     ``kernel_dtype``: the features' dtype in the kernels (default: the accumulation dtype);
-    ``route``: the compiled op's, "strips" or "tiles" (ops.dual_ce); ``fused``: the Triton
-    op instead (keep_logits, strip_rows and route are the compiled op's), replayed from
-    ``graphs`` (a graphs.GraphCache) where given."""
+    ``route`` and ``col_grad``: the compiled op's (ops.dual_ce); ``fused``: the Triton op
+    instead (keep_logits, strip_rows, route and col_grad are the compiled op's), replayed
+    from ``graphs`` (a graphs.GraphCache) where given."""
     acc = compute_dtype(rows[0][0].dtype)
     kernel_dtype = kernel_dtype or acc
     ready = lambda pair: [t.to(kernel_dtype).contiguous() for t in pair]
@@ -69,6 +70,6 @@ def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: floa
         ce, _ = graphs(stage, *inputs) if graphs is not None else stage.eager(*inputs)
     else:
         ce, _ = dual_ce(*branches, s, label_offset, float(label_smoothing), keep_logits,
-                        strip_rows, route)
+                        strip_rows, route, col_grad)
     ce = ce.view(2, 2, -1).mean(-1).sum(-1) * 0.5  # ½ (mean i→t + mean t→i) per branch
     return ce[0], ce[1]

@@ -4,14 +4,16 @@ with the Python callables the stages use. Registered at import, so that nothing 
 while torch.compile traces.
 
 - ``dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing, keep_logits,
-  strip_rows, route) -> (ce, nll, logits)``: the fused dual InfoNCE (csrc/dual_infonce.h),
+  strip_rows, route, col_grad) -> (ce, nll, logits)``: the fused dual InfoNCE (csrc/dual_infonce.h),
   by GEMM strips of logits (route "strips") or fused tiles ("tiles": tensor-core tiles on
   CUDA for bf16/fp16, their CPU twin on CPU, no logits in memory). Each
   branch is [a_r, b_r] (square) or [a_r, b_r, a_c, b_c]; ce and nll are [4, B] in the
   scale's dtype (the accumulation dtype: the caller's rule, pca.compute_dtype); logits
   are the forward's dot products when ``keep_logits`` (the backward then skips their
   recompute), else empty. The backward forms g·(softmax - y) per logit from the saved
-  nll, so a solved row (one pair) gets exactly zero gradient.
+  nll, so a solved row (one pair) gets exactly zero gradient; ``col_grad`` says how it
+  forms a square branch's columns' gradient ("accumulate", "recompute" from the transposed
+  weights, no fp32 accumulator; "auto": the device's rule).
 - ``sym_eigh(a, algorithm) -> (eigenvalues ascending, eigenvectors, info)``: the symmetric
   eigendecomposition without a host read of the solver's status (cuSOLVER on CUDA).
 - ``fused_dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing) ->
@@ -29,8 +31,8 @@ from torch import Tensor
 from . import _extension
 
 _LIB = "himo_fast"
-# label_offset, label_smoothing, keep_logits, strip_rows, route
-_DUAL_CE_OPTIONS = (0, 0.0, False, 0, "strips")
+# label_offset, label_smoothing, keep_logits, strip_rows, route, col_grad
+_DUAL_CE_OPTIONS = (0, 0.0, False, 0, "strips", "auto")
 
 
 def _refuse_double_backward():
@@ -82,14 +84,14 @@ def _register() -> bool:
 
     @torch.library.register_fake(f"{_LIB}::dual_ce")
     def _(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0,
-          keep_logits=False, strip_rows=0, route="strips"):
+          keep_logits=False, strip_rows=0, route="strips", col_grad="auto"):
         return (_per_row(global_branch, scale), _per_row(global_branch, scale),
                 global_branch[0].new_empty(_logits_shape(global_branch, keep_logits),
                                            dtype=scale.dtype))
 
     @torch.library.register_fake(f"{_LIB}::dual_ce_backward")
     def _(grad_ce, grad_nll, nll, logits, global_branch, comp_branch, scale, label_offset=0,
-          label_smoothing=0.0, strip_rows=0, route="strips"):
+          label_smoothing=0.0, strip_rows=0, route="strips", col_grad="auto"):
         return _grads_like(global_branch, comp_branch, scale)
 
     def setup_context(ctx, inputs, output):
@@ -98,8 +100,8 @@ def _register() -> bool:
         ctx.save_for_backward(*global_branch, *comp_branch, scale, output[1], output[2])
         ctx.mark_non_differentiable(output[2])
         ctx.counts = (len(global_branch), len(comp_branch))
-        label_offset, label_smoothing, _keep, strip_rows, route = options
-        ctx.options = (label_offset, label_smoothing, strip_rows, route)
+        label_offset, label_smoothing, _keep, strip_rows, route, col_grad = options
+        ctx.options = (label_offset, label_smoothing, strip_rows, route, col_grad)
 
     def backward(ctx, grad_ce, grad_nll, _grad_logits):
         _refuse_double_backward()
@@ -112,7 +114,7 @@ def _register() -> bool:
             scale, *ctx.options)
         d_scale = d_scale.to(scale.dtype).reshape(scale.shape)
         return _one_per_input(ctx, list(d_global), list(d_comp), d_scale, None, None, None, None,
-                              None)
+                              None, None)
 
     torch.library.register_autograd(f"{_LIB}::dual_ce", backward, setup_context=setup_context)
 
@@ -181,11 +183,11 @@ fused_dual_ce.register_autograd(_fused_backward, setup_context=_fused_setup_cont
 
 def dual_ce(global_branch, comp_branch, scale, label_offset: int = 0,
             label_smoothing: float = 0.0, keep_logits: bool = False, strip_rows: int = 0,
-            route: str = "strips"):
+            route: str = "strips", col_grad: str = "auto"):
     """(ce, nll), each [4, B]: see the module docstring."""
     ce, nll, _ = torch.ops.himo_fast.dual_ce(list(global_branch), list(comp_branch), scale,
                                              label_offset, label_smoothing, keep_logits,
-                                             strip_rows, route)
+                                             strip_rows, route, col_grad)
     return ce, nll
 
 

@@ -52,7 +52,7 @@ def test_goal_tables_run(tmp_path):
     # every row is there, with a number or with what it needs (CUDA, inf_cl).
     import json
     script = Path(__file__).parent.parent / "benchmarks" / "goals.py"
-    for table, rows_expected in (("hide", 7), ("infonce", 6)):
+    for table, rows_expected in (("hide", 7), ("infonce", 6), ("col_grad", 1)):
         out = subprocess.run([sys.executable, str(script), table, "--quick", "--profile",
                               "--json", str(tmp_path / f"{table}.json")],
                              capture_output=True, text=True, cwd=tmp_path, timeout=600)

@@ -110,6 +110,63 @@ def test_tiles_equal_strips_in_float64(square):
         assert torch.allclose(a, b, rtol=1e-11, atol=1e-13), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("route,strip,keep", [("strips", 7, False), ("strips", 7, True),
+                                               ("strips", 0, False), ("tiles", 40, False)])
+def test_recomputed_columns_equal_accumulated_in_float64(route, strip, keep):
+    # col_grad "recompute": a square branch's columns' gradient as the rows' gradient of
+    # the transposed matrix (Wᵀ from the swapped sides), in a second pass: the same values
+    # and gradients to rounding, several strips, kept logits (read transposed) or not.
+    outs = []
+    for col_grad in ("accumulate", "recompute"):
+        torch.manual_seed(3)
+        rows, cols = _inputs(97, 97, 23, torch.float64, d_comp=5)
+        scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+        outs.append(_run(lambda *a: dual_infonce(*a, strip_rows=strip, route=route,
+                                                 keep_logits=keep, col_grad=col_grad),
+                         rows, cols, scale, 0, 0.1, True))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("route", ["strips", "tiles"])
+@pytest.mark.parametrize("B,strip,d_comp", [(1, 0, None), (33, 8, None), (129, 0, 3)])
+def test_recomputed_columns_match_reference_in_float32(route, B, strip, d_comp):
+    _compare(B, B, 17, torch.float32, "cpu", True, 0.1, d_comp=d_comp,
+             fn=lambda *a: dual_infonce(*a, strip_rows=strip, route=route, col_grad="recompute"))
+
+
+def test_recomputed_columns_gradcheck_and_opcheck_float64():
+    rows, _ = _inputs(6, 6, 5, torch.float64, d_comp=3)
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    for route, keep in (("strips", False), ("strips", True), ("tiles", False)):
+        op = lambda *a: dual_ce(*_branches(a[:4]), a[4], 0, 0.2, keep, 4, route, "recompute")
+        assert torch.autograd.gradcheck(op, (*rows, scale))
+        args = (*_branches(rows), scale, 0, 0.1, keep, 4, route, "recompute")
+        torch.library.opcheck(torch.ops.himo_fast.dual_ce.default, args)
+
+
+def test_col_grad_errors():
+    rows, cols = _inputs(4, 9, 5, torch.float32, square=False)
+    scale = torch.tensor(5.0)
+    with pytest.raises(ValueError, match="col_grad must be 'auto', 'accumulate' or "
+                                         "'recompute', got 'transpose'"):
+        dual_ce(*_branches(rows), scale, col_grad="transpose")
+    with pytest.raises(ValueError, match="col_grad 'recompute' needs square branches.*4 rows "
+                                         "against 9 columns"):
+        dual_ce(*_branches(rows, cols), scale, 2, col_grad="recompute")
+    dual_ce(*_branches(rows, cols), scale, 2, col_grad="accumulate")  # columns accumulate
+    # On the CPU "auto" accumulates (its rule: never recompute), even over strips of one
+    # row: in-place addmm per strip and branch, where recomputing has none.
+    from torch.profiler import profile
+    accumulates = {}
+    for col_grad in ("auto", "accumulate", "recompute"):
+        with profile() as prof:
+            ce, _ = dual_ce(*_branches(rows), scale, 0, 0.0, False, 1, col_grad=col_grad)
+            ce.sum().backward()
+        accumulates[col_grad] = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_")
+    assert accumulates == {"auto": 8, "accumulate": 8, "recompute": 0}
+
+
 def test_cpu_tiles_one_pair_has_exactly_zero_gradient():
     _one_pair_has_exactly_zero_gradient("cpu", lambda *a: dual_infonce(*a, route="tiles"))
 
@@ -196,35 +253,44 @@ def test_cuda_backend_takes_the_route(cuda):
 CUDA_MEMORY_PROBE = """
 import sys, torch
 from himo_fast import backends
+from himo_fast.dual_infonce import dual_infonce
 from test_dual_infonce import _inputs, _pairs
 n, d = 32768, 2048
 rows, _ = _inputs(n, n, d, torch.bfloat16, "cuda")
 s = torch.tensor(20.0, device="cuda", requires_grad=True)
-f = backends.select("cuda", "cuda").dual_infonce
-with backends.cuda_route(sys.argv[1]):
-    for _ in range(2):  # the first call warms cuBLAS up
-        for t in rows: t.grad = None
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        g, c = f(_pairs(rows), None, s, 0, 0.1); (g + c).backward(); torch.cuda.synchronize()
+route, col_grad = sys.argv[1:]
+if col_grad == "auto":  # the backend, as MoLo calls it
+    f = backends.select("cuda", "cuda").dual_infonce
+else:
+    f = lambda *a: dual_infonce(*a, kernel_dtype=torch.bfloat16, route=route, col_grad=col_grad)
+for _ in range(2):  # the first call warms cuBLAS up
+    for t in rows: t.grad = None
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with backends.cuda_route(route):
+        g, c = f(_pairs(rows), None, s, 0, 0.1)
+    (g + c).backward(); torch.cuda.synchronize()
 print(base, torch.cuda.max_memory_allocated())
 """
 
 
+@pytest.mark.parametrize("col_grad", ["auto", "recompute"])
 @pytest.mark.parametrize("route", ["strips", "tiles"])
-def test_cuda_backward_holds_one_fp32_accumulator(cuda, route):
+def test_cuda_backward_holds_one_fp32_accumulator(cuda, route, col_grad):
     # N=32768, d=2048, bf16, square, forward + backward. Beyond the inputs and their
     # gradients (each of the 4: N x d bf16, 128 MiB): one fp32 accumulator of a columns'
-    # gradient (256 MiB) and one strip of weights (2^25 of them: the strips route's fp32
-    # logits and their bf16 copy, the tiles' bf16 only). Before 2026-12-07 the rows'
-    # gradient was a second fp32 accumulator and each strip's Wᵀ·R a third fp32 [N, d]
-    # tensor: ≥ 768 MiB.
+    # gradient (256 MiB; "auto" accumulates at this N, 1024 rows a strip; "recompute" has
+    # none) and one strip of weights (2^25 of them: the strips route's fp32 logits and
+    # their bf16 copy, the tiles' bf16 only). Before 2026-12-07 the rows' gradient was a
+    # second fp32 accumulator and each strip's Wᵀ·R a third fp32 [N, d] tensor: ≥ 768 MiB.
     n, d = 32768, 2048
-    out = assert_ran(run_fresh(CUDA_MEMORY_PROBE, route))
+    out = assert_ran(run_fresh(CUDA_MEMORY_PROBE, route, col_grad))
     base, peak = map(int, out.split()[-2:])
     extra = peak - base - 4 * n * d * 2
-    bound = n * d * 4 + (2**25) * (6 if route == "strips" else 2) + 64 * 2**20
-    print(f"{route}: extra {extra / 2**20:.1f} MiB beyond inputs and gradients, bound {bound / 2**20:.0f} MiB")
+    accumulator = n * d * 4 if col_grad == "auto" else 0
+    bound = accumulator + (2**25) * (6 if route == "strips" else 2) + 64 * 2**20
+    print(f"{route}, {col_grad}: extra {extra / 2**20:.1f} MiB beyond inputs and gradients, "
+          f"bound {bound / 2**20:.0f} MiB")
     assert 0 < extra < bound
 
 
