@@ -30,7 +30,7 @@ import torch
 
 from . import _extension, graphs as stage_graphs, ops, pca, reference, subspace_iteration
 from .dual_infonce import dual_infonce as compiled_dual_infonce
-from .factors import TORCH_OPS, HiDeOps, hide_factors
+from .factors import TORCH_OPS, HiDeOps, hide_factors, hide_reconstruction, materialize
 
 ENV_VAR = "HIMO_FAST_BACKEND"
 # Fastest first, per device type.
@@ -82,6 +82,20 @@ class Impl:
     name: str
     hide_factors: Callable  # (u, tau) -> factors.Factors
     dual_infonce: Callable  # (rows, cols, scale, label_offset, label_smoothing) -> (global, comp)
+    # (u, tau) -> u' for N > d, fused (factors.hide_reconstruction), where the backend's
+    # factors are masked
+    hide_reconstruction: Callable | None = None
+
+    def fuses_reconstruction(self, u: torch.Tensor) -> bool:
+        """Whether u' comes from the fused op: the backend has it and N > d, where masked
+        factors are d wide (Z = X̂, B = Π), so never the cheaper form for the loss."""
+        return self.hide_reconstruction is not None and u.shape[0] > u.shape[1]
+
+    def reconstruction(self, u: torch.Tensor, tau: float) -> torch.Tensor:
+        """u' = X̂Π + ū: fused where it can be, else the factors materialized."""
+        if self.fuses_reconstruction(u):
+            return self.hide_reconstruction(u, tau)
+        return materialize(self.hide_factors(u, tau))
 
 
 @dataclass(frozen=True)
@@ -258,7 +272,8 @@ def triton_impl(kernel_ops: HiDeOps, graphs: stage_graphs.GraphCache | None = No
 
     return Impl("triton",
                 lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops, graphs=graphs),
-                dual_infonce)
+                dual_infonce,
+                lambda u, tau: hide_reconstruction(u, tau, ops=kernel_ops, graphs=graphs))
 
 
 # ---------------------------------------------------------------- the backends
@@ -278,7 +293,8 @@ def _build_cuda(kind: str):
         return "runs on cuda tensors only"
     masked = HiDeOps(*TORCH_OPS[:3], sync_free_eigh)
     return _extension.unavailable_reason(need_cuda=True) or Impl(
-        "cuda", lambda u, tau: hide_factors(u, tau, sliced=False, ops=masked), _cuda_dual_infonce)
+        "cuda", lambda u, tau: hide_factors(u, tau, sliced=False, ops=masked), _cuda_dual_infonce,
+        lambda u, tau: hide_reconstruction(u, tau, ops=masked))
 
 
 def _build_triton(kind: str):

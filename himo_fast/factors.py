@@ -22,9 +22,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .pca import (Subspace, Split, centring_backward, compute_dtype,
-                  differentiable_subspace, factor,
-                  factor_backward, gram_or_cov, principal_subspace, split)
+from .pca import (RecentredRows, Subspace, Split, centring_backward, compute_dtype,
+                  differentiable_subspace, factor, factor_backward, gram_or_cov,
+                  principal_subspace, reconstruction_backward, split)
 from .subspace_iteration import PartialBasis
 
 
@@ -105,6 +105,29 @@ def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
     return centring_backward(grad_x, grad_mean)
 
 
+def reconstruction_forward(text: torch.Tensor, tau: float, ops: HiDeOps):
+    """u' = X̂Π + ū (the masked covariance-space layout, N > d) without autograd: (u',
+    Saved) with ū and the subspace's tensors, not X̂: the backward recomputes its rows
+    from the texts (RecentredRows), which the caller holds anyway."""
+    n, d = text.shape
+    if n <= d:
+        raise ValueError(f"himo_fast: the fused reconstruction is for N > d (the covariance "
+                         f"space); got N={n}, d={d}: use hide_factors")
+    (z, b, mean), saved = hide_forward(text.to(compute_dtype(text.dtype)), tau, False, ops)
+    out = ops.product(z, b.T, mean)  # materialize
+    _x, *subspace, _z, b, partial = (*saved.tensors[:9], saved.tensors[9:])
+    return out, saved._replace(tensors=(mean, *subspace, b, *partial))
+
+
+def reconstruction_backward_from(text: torch.Tensor, saved: Saved, grad: torch.Tensor):
+    """∂L/∂text from ∂L/∂u' (pca.reconstruction_backward), in the texts' dtype."""
+    mean, eigvals, kept, rest, lam_kept, lam_rest, across, pi, *partial = saved.tensors
+    sub = Subspace(None, eigvals, None, None, False,
+                   PartialBasis(*partial, *saved.partial) if partial else None)
+    parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
+    return reconstruction_backward(RecentredRows(text, mean), sub, parts, pi, grad)
+
+
 def refuse_double_backward(what: str = "HiDe's fused backward") -> None:
     """Called in a fused backward: create_graph=True would have autograd differentiate
     it as a constant (it is exact for consumers of Z Bᵀ, but not itself differentiable)."""
@@ -133,6 +156,22 @@ class _HiDeFactors(torch.autograd.Function):
         refuse_double_backward()
         saved = ctx.saved._replace(tensors=ctx.saved_tensors)
         return hide_backward(saved, grad_z, grad_b, grad_mean), None, None, None
+
+
+class _HiDeReconstruction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, text: torch.Tensor, tau: float, ops: HiDeOps):
+        out, saved = reconstruction_forward(text, tau, ops)
+        ctx.save_for_backward(text, *saved.tensors)
+        ctx.saved = saved._replace(tensors=())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        refuse_double_backward()
+        text, *tensors = ctx.saved_tensors
+        saved = ctx.saved._replace(tensors=tuple(tensors))
+        return reconstruction_backward_from(text, saved, grad), None, None
 
 
 def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
@@ -165,6 +204,40 @@ class HiDeStage(NamedTuple):
 
     def graphable(self, inputs) -> bool:
         return self.ops.graphable is None or self.ops.graphable(min(inputs[0].shape), self.tau)
+
+
+class HiDeReconstructionStage(NamedTuple):
+    """The fused reconstruction as a graphs.Stage: (texts,) -> (u',)."""
+
+    tau: float
+    ops: HiDeOps
+
+    def forward(self, inputs):
+        out, saved = reconstruction_forward(inputs[0], self.tau, self.ops)
+        return (out,), saved.tensors, saved._replace(tensors=())
+
+    def backward(self, inputs, saved, constants, grads):
+        return (reconstruction_backward_from(inputs[0], constants._replace(tensors=saved),
+                                             grads[0]),)
+
+    def eager(self, text):
+        return (_HiDeReconstruction.apply(text, self.tau, self.ops),)
+
+    def graphable(self, inputs) -> bool:
+        return HiDeStage(self.tau, self.ops).graphable(inputs)
+
+
+def hide_reconstruction(text_features: torch.Tensor, tau: float = 0.9, ops: HiDeOps = TORCH_OPS,
+                        graphs=None) -> torch.Tensor:
+    """materialize(hide_factors(texts, τ)) for N > d as one op, in at least float32: the
+    same u' and gradient (to rounding), holding less. Its backward keeps the texts and ū,
+    not X̂ (nor Z = X̂ in materialize's graph), and writes ∂L/∂texts once, by row blocks, in
+    their dtype: at N = 262144, d = 768 the factors' route holds X̂ (768 MiB in fp32) from
+    HiDe's forward to its backward, and there two more N x d fp32 tensors (∂L/∂Z and ∂L/∂X̂).
+    Replayed from ``graphs`` (a graphs.GraphCache) where given."""
+    if graphs is not None:
+        return graphs(HiDeReconstructionStage(tau, ops), text_features)[0]
+    return _HiDeReconstruction.apply(text_features, tau, ops)
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,

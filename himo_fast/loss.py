@@ -18,7 +18,7 @@ def hide(text_features: torch.Tensor, tau: float = 0.9, backend: str = "auto") -
     tau = check_tau(tau)
     backends.check_name(backend)
     with backends.no_autocast(text_features):
-        return materialize(backends.select(backend, text_features).hide_factors(text_features, tau))
+        return backends.select(backend, text_features).reconstruction(text_features, tau)
 
 
 class MoLo(nn.Module):
@@ -76,21 +76,25 @@ class MoLo(nn.Module):
             all_v, all_u = v, u
         local_rows = distributed and self.local_loss  # rows: this rank's; columns: all
 
-        if self.pca_scope == "global" and distributed:
-            # PCA over the whole batch; the local slice keeps its gradient path.
-            factors = impl.hide_factors(with_local_slice(all_u, u, self.rank), self.tau)
+        # PCA over the whole batch (global scope, several ranks: the local slice keeps its
+        # gradient path) or this rank's.
+        texts = (with_local_slice(all_u, u, self.rank)
+                 if self.pca_scope == "global" and distributed else u)
+        if impl.fuses_reconstruction(texts):  # u' at once; no N x d tensor kept for HiDe
+            factors, comp = None, impl.reconstruction(texts, self.tau)
         else:
-            factors = impl.hide_factors(u, self.tau)
+            factors = impl.hide_factors(texts, self.tau)
         # One basis for every column (single rank, or global PCA): the component logits
         # go through the m-dim subspace when that is narrower than d.
-        if (self.pca_scope == "global" or not distributed) and factored_is_cheaper(factors):
+        if (factors is not None and (self.pca_scope == "global" or not distributed)
+                and factored_is_cheaper(factors)):
             comp_c, cimg_c = component_text(factors), component_image(factors, all_v)
             comp_r, cimg_r = comp_c, cimg_c
             if local_rows:
                 comp_r = comp_c.narrow(0, self.rank * b, b)
                 cimg_r = component_image(factors, v)
         else:
-            comp = materialize(factors)
+            comp = materialize(factors) if factors is not None else comp
             if self.pca_scope == "global" and distributed:
                 comp_c, comp_r = comp, comp.narrow(0, self.rank * b, b)
             else:

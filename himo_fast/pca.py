@@ -219,16 +219,37 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
     cov space (N > d, where N may be large) over row blocks (row_blocks).
     """
     out_dtype, dtype = x.dtype, parts.kept.dtype
+    if projector:
+        c = projector_cbar(sub, parts, grad_b, out_dtype)
+        grad_x = torch.empty_like(x)
+        for r in row_blocks(*x.shape):
+            grad_x[r] = grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ c)
+        return grad_x
     b, grad_b = b.to(dtype), grad_b.to(dtype)
-    lam = sub.eigvals
-    floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
     if sub.gram:
         x, z, grad_z = x.to(dtype), z.to(dtype), grad_z.to(dtype)
         s_kept = 0.5 * (grad_z + x @ grad_b)  # S U_m
-    elif projector:
-        s_kept = 0.5 * (grad_b.T + grad_b) @ parts.kept  # S V_m
     else:
         s_kept = 0.5 * (_t_product(x, grad_z, row_blocks(*x.shape), dtype) + grad_b)  # S V_m
+    w = _across_cutoff(sub, parts, s_kept, out_dtype)
+    # Grouped so that the last product has width 2a (one GEMM, not three of width a).
+    if sub.gram:
+        # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
+        grad_x = torch.cat([z, 2.0 * w], 1) @ torch.cat([grad_b.T + 2.0 * (w.T @ x), b.T], 0)
+        return grad_x.to(out_dtype)
+    blocks, grad_x = row_blocks(*x.shape), torch.empty_like(x)
+    # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
+    right = torch.cat([b.T, w.T], 0)
+    for r in blocks:
+        left = torch.cat([grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ w), 2.0 * z[r].to(dtype)], 1)
+        grad_x[r] = left @ right
+    return grad_x
+
+
+def _across_cutoff(sub: Subspace, parts: Split, s_kept: torch.Tensor, out_dtype) -> torch.Tensor:
+    """W = rest Kᵀ from S·(kept basis) (factor_backward's docstring), gaps clamped."""
+    lam = sub.eigvals
+    floor = numerical_zero(lam) + torch.finfo(lam.dtype).tiny
     gap = torch.clamp(parts.lam_kept[:, None] - parts.lam_rest[None, :], min=floor)
     k12 = (parts.rest.T @ s_kept).T / gap
     if parts.across is not None:
@@ -238,24 +259,52 @@ def factor_backward(x: torch.Tensor, sub: Subspace, parts: Split, z: torch.Tenso
         w = torch.where(sub.partial.ok,
                         sub.partial.resolvent(parts.kept, parts.rest, lam, s_kept, floor,
                                               out_dtype), w)
-    # Grouped so that the last product has width 2a (one GEMM, not three of width a).
-    if sub.gram:
-        # P R̄ = U_m (U_mᵀ R̄) = Z gradBᵀ;  C̄ X̂ = U_m K U_restᵀ X̂ + U_rest Kᵀ (U_mᵀ X̂).
-        grad_x = torch.cat([z, 2.0 * w], 1) @ torch.cat([grad_b.T + 2.0 * (w.T @ x), b.T], 0)
-        return grad_x.to(out_dtype)
-    blocks, grad_x = row_blocks(*x.shape), torch.empty_like(x)
-    if projector:  # C̄ = V_m Wᵀ + W V_mᵀ
-        c = w @ parts.kept.T
-        c = c + c.T
-        for r in blocks:
-            grad_x[r] = grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ c)
-        return grad_x
-    # R̄Π = (R̄V_m)V_mᵀ = gradZ Bᵀ;  X̂ C̄ = (X̂V_m) K V_restᵀ + (X̂ V_rest Kᵀ) V_mᵀ.
-    right = torch.cat([b.T, w.T], 0)
+    return w
+
+
+def projector_cbar(sub: Subspace, parts: Split, grad_b: torch.Tensor, out_dtype) -> torch.Tensor:
+    """C̄ = V_m Wᵀ + W V_mᵀ of the projector layout (d x d, the basis' dtype), from
+    ∂L/∂B = R̄ᵀX̂ alone: then ∂L/∂X̂ = R̄Π + 2 X̂ C̄ (factor_backward)."""
+    grad_b = grad_b.to(parts.kept.dtype)
+    s_kept = 0.5 * (grad_b.T + grad_b) @ parts.kept  # S V_m
+    w = _across_cutoff(sub, parts, s_kept, out_dtype)
+    c = w @ parts.kept.T
+    return c + c.T
+
+
+class RecentredRows(NamedTuple):
+    """X̂'s row blocks recomputed, X̂[r] = u[r] - ū in ū's dtype: bit for bit the forward's
+    centring (one exactly rounded subtraction of the same operands), without keeping X̂."""
+
+    u: torch.Tensor  # the texts, in their own dtype
+    mean: torch.Tensor  # ū (1, d), in the compute dtype
+
+    def __getitem__(self, r: slice) -> torch.Tensor:
+        return self.u[r].to(self.mean.dtype) - self.mean
+
+    @property
+    def shape(self):
+        return self.u.shape
+
+
+def reconstruction_backward(x: RecentredRows, sub: Subspace, parts: Split, pi: torch.Tensor,
+                            grad: torch.Tensor) -> torch.Tensor:
+    """∂L/∂u for L(u') with u' = X̂Π + ū (the projector layout), from R̄ = ∂L/∂u' alone, in
+    the texts' dtype: what materialize's, factor_backward's (projector) and centring's
+    backwards give, by row blocks, with X̂'s rows recomputed. ∂L/∂B = R̄ᵀX̂ and ∂L/∂Z = R̄Π
+    as materialize's product would form them (in R̄'s dtype, Π as the forward used it);
+    centring's mean term, mean(∂L/∂X̂) = mean(R̄)Π + 2·mean(X̂)C̄, from column means, so that
+    each row block is written once. Holds no N x d tensor but the result."""
+    n, d = x.shape
+    dtype, blocks = parts.kept.dtype, row_blocks(n, d)
+    c = projector_cbar(sub, parts, _t_product(grad, x, blocks, grad.dtype), grad.dtype)
+    grad_mean = grad.sum(0, keepdim=True)  # ∂L/∂ū: ū is added to every row of u'
+    x_mean = sum(x[r].to(dtype).sum(0, keepdim=True) for r in blocks) / n
+    shift = grad_mean.to(dtype) / n - ((grad_mean / n) @ pi).to(dtype) - 2.0 * (x_mean @ c)
+    out = torch.empty(x.shape, dtype=x.u.dtype, device=grad.device)
     for r in blocks:
-        left = torch.cat([grad_z[r].to(dtype) + 2.0 * (x[r].to(dtype) @ w), 2.0 * z[r].to(dtype)], 1)
-        grad_x[r] = left @ right
-    return grad_x
+        out[r] = (grad[r] @ pi).to(dtype) + 2.0 * (x[r].to(dtype) @ c) + shift
+    return out
 
 
 def centring_backward(grad_x: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,11 @@ class LiveStorage(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         import weakref
+        # A storage first seen as an argument was made outside (an input): counted as 0,
+        # also when a view of it comes out
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.sizes:
+                self.sizes[t.untyped_storage()] = 0
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.sizes:

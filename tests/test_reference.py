@@ -206,6 +206,77 @@ def test_hide_memory_at_n_262144_is_a_few_fp32_copies():
     assert 3 * copy < live.peak < 3 * copy + 320 * 2**20  # blocks: 8 of 32 MiB at most
 
 
+def _weighted(fn, text, w):
+    """fn(text) and ∂(Σ w·fn(text))/∂text, fresh."""
+    t = text.detach().clone().requires_grad_()
+    out = fn(t)
+    (out * w.to(out.dtype)).sum().backward()
+    return out.detach(), t.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,tau,block", [(37, 7, 0.8, 35), (37, 7, 1.0, 35), (130, 129, 0.9, 0),
+                                           (1000, 24, 0.5, 4000)])
+def test_fused_reconstruction_equals_the_factors_route(monkeypatch, dtype, n, d, tau, block):
+    """hide_reconstruction = materialize(hide_factors(·)) for N > d: u' bit for bit (the
+    same forward), the gradient to rounding, over several row blocks (block: elements a
+    block) or one, with X̂'s rows recomputed from the texts in the backward."""
+    from himo_fast import pca
+    from himo_fast.factors import hide_factors, hide_reconstruction, materialize
+    if block:
+        monkeypatch.setattr(pca, "PCA_BLOCK_ELEMENTS", block)
+    _, u = pairs(n, d)
+    u = u.detach().clone()
+    u[:, :3] *= 4  # a few strong directions
+    u = u.to(dtype)
+    w = torch.randn(n, d, dtype=torch.float64)
+    fused = _weighted(lambda t: hide_reconstruction(t, tau), u, w)
+    route = _weighted(lambda t: materialize(hide_factors(t, tau)), u, w)
+    assert fused[1].dtype == dtype and fused[0].dtype == route[0].dtype
+    assert torch.equal(fused[0], route[0])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3}[dtype]
+    assert 0 < rel(fused[1], route[1]) <= tol or torch.equal(fused[1], route[1])
+    if dtype == torch.float64:  # and the reference twin, gradient of any order
+        ref = _weighted(lambda t: hide_reference(t, tau), u, w)
+        assert rel(fused[0], ref[0]) <= 1e-12 and rel(fused[1], ref[1]) <= 1e-10
+
+
+def test_fused_reconstruction_gradcheck_degenerate_and_errors(monkeypatch):
+    from himo_fast import pca
+    from himo_fast.factors import hide_factors, hide_reconstruction, materialize
+    monkeypatch.setattr(pca, "PCA_BLOCK_ELEMENTS", 40)  # 23 rows of 6: blocks of 6 rows
+    _, u = pairs(23, 6)
+    assert torch.autograd.gradcheck(lambda t: hide_reconstruction(t, 0.8), (u.detach().requires_grad_(),))
+    # identical captions (X̂ = 0) and a rank-one batch: finite, the factors route's values
+    same = torch.randn(1, 6, dtype=torch.float64).expand(23, 6).contiguous()
+    rank_one = torch.randn(23, 1, dtype=torch.float64) * torch.randn(1, 6, dtype=torch.float64)
+    w = torch.randn(23, 6, dtype=torch.float64)
+    for text in (same, rank_one):
+        fused = _weighted(lambda t: hide_reconstruction(t, 0.9), text, w)
+        route = _weighted(lambda t: materialize(hide_factors(t, 0.9)), text, w)
+        assert all(torch.isfinite(x).all() for x in fused)
+        assert torch.equal(fused[0], route[0]) and rel(fused[1], route[1]) <= 1e-12
+    with pytest.raises(ValueError, match="for N > d .*got N=6, d=6"):
+        hide_reconstruction(torch.randn(6, 6), 0.9)
+    t = u.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(hide_reconstruction(t, 0.9).pow(2).sum(), t, create_graph=True)
+
+
+def test_fused_reconstruction_compiled_equals_eager():
+    """torch.compile(fullgraph) traces the fused reconstruction's autograd function (on
+    torch 2.11 too: tests/test_gpu_machine_stack.py)."""
+    from himo_fast.factors import hide_reconstruction
+    _, u = pairs(24, 16)
+    w = torch.randn(24, 16, dtype=torch.float64)
+    fn = lambda t: (hide_reconstruction(t, 0.9) * w).sum()
+    eager = _weighted(lambda t: hide_reconstruction(t, 0.9), u, w)
+    compiled = _weighted(torch.compile(lambda t: hide_reconstruction(t, 0.9), fullgraph=True), u, w)
+    assert fn(u).isfinite()
+    for a, b in zip(eager, compiled):
+        assert rel(a, b) <= 1e-12
+
+
 @pytest.mark.parametrize("n,d", [(24, 16), (12, 20)])  # covariance, Gram
 def test_factors_compiled_equal_eager(n, d):
     """torch.compile(fullgraph) traces HiDe's autograd function: same values and gradient.
