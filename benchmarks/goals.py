@@ -30,7 +30,6 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests")]
 
 import himo_fast  # noqa: E402
 from himo_fast import backends, graphs as stage_graphs  # noqa: E402
-from himo_fast.factors import materialize  # noqa: E402
 from himo_fast.train import step_timing  # noqa: E402
 from official import official_hide  # noqa: E402
 import test_losses as losses  # noqa: E402  (the workloads' step builders, shared)
@@ -288,7 +287,7 @@ def infonce_table(quick: bool, rounds: int, rows: list):
                                 "<= 2 GiB, and it runs", "needs CUDA (allocator statistics)"))
         impl = backends.select(backend, DEVICE)
         (vl, ul), v, u, others = losses._inputs(b, cols, dtype, d)[0]
-        comp = materialize(impl.hide_factors(ul, 0.9)).to(dtype).detach().requires_grad_()
+        comp = impl.reconstruction(ul, 0.9).to(dtype).detach().requires_grad_()
         all_v, all_u = torch.cat([v[: cols - b], vl]), torch.cat([u[: cols - b], ul])
         all_c = torch.cat([others.to(dtype), comp])
         s = torch.tensor(100.0, device=DEVICE, requires_grad=True)

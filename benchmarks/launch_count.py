@@ -48,7 +48,6 @@ def count(n: int, d: int, tau: float = 0.9, graphs: bool = False, loss: bool = F
     import triton.runtime.interpreter as interpreter
     import himo_fast
     from himo_fast import backends, graphs as stage_graphs
-    from himo_fast.factors import materialize
 
     impl = backends.triton_impl(backends.triton_hide_ops("cuda"),
                                 stage_graphs.GraphCache(CountedReplay) if graphs else None)
@@ -83,7 +82,7 @@ def count(n: int, d: int, tau: float = 0.9, graphs: bool = False, loss: bool = F
         if loss:
             molo._loss(impl, v, u, s, None, False).backward()
         else:
-            (materialize(impl.hide_factors(u, tau)) * weight).sum().backward()
+            (impl.reconstruction(u, tau) * weight).sum().backward()
 
     step()  # first call: the capture preparation's extra solve is not the step's
     interpreter.InterpretedFunction.run = run

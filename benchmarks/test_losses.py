@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import himo_fast
 from himo_fast import backends
-from himo_fast.factors import materialize
 from himo_fast.synthetic import clip_like_pairs
 from official import official_hide, official_loss
 
@@ -56,7 +55,7 @@ def _himo(B, N, tau=0.9, eps=0.1, backend="auto"):
 
     def step(rows, v, u, others, s):  # one rank of the local-loss recipe
         vl, ul = rows
-        comp = materialize(impl.hide_factors(ul, tau))
+        comp = impl.reconstruction(ul, tau)
         all_v = torch.cat([v[: N - B], vl])
         all_u = torch.cat([u[: N - B], ul])
         all_c = torch.cat([others, comp])
@@ -111,7 +110,7 @@ def _inf_cl(B, N, both_branches=False):
         all_u = torch.cat([u[: N - B], ul]) if N > B else ul
         loss = symmetric(vl, ul, all_v, all_u, s)
         if both_branches:
-            comp = materialize(impl.hide_factors(ul, 0.9)).to(vl.dtype)
+            comp = impl.reconstruction(ul, 0.9).to(vl.dtype)
             all_c = torch.cat([others.to(vl.dtype), comp]) if N > B else comp
             loss = loss + symmetric(vl, comp, all_v, all_c, s)
         return loss

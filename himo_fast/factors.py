@@ -6,7 +6,9 @@ the covariance space, (Z, B) = (X̂, Π): no N x d tensor beyond X̂, which the 
 keeps anyway. Every consumer goes through them:
 
 - ``materialize``: u' itself (N x d), where a consumer needs it (``himo_fast.hide``, the
-  gathered columns of the per-rank recipe).
+  gathered columns of the per-rank recipe). For N > d with masked factors, d wide,
+  ``hide_reconstruction`` gives u' from one op that keeps no N x d tensor for its
+  backward (backends.Impl.reconstruction picks).
 - ``component_text`` / ``component_image``: the component branch's logits
   s·v·u'ᵀ = s·[vB, vū]·[Z, 1]ᵀ, a product of width m+1 instead of d. At N=1024, d=768,
   m≈72 that is a tenth of the FLOPs.

@@ -59,7 +59,6 @@ def _loss_fn(name: str, others):
     the simulated other ranks (this rank's rows are the last slice), or None."""
     import himo_fast
     from himo_fast import backends
-    from himo_fast.factors import materialize
     if name == "clip":
         from open_clip.loss import ClipLoss
         clip = ClipLoss()
@@ -81,7 +80,7 @@ def _loss_fn(name: str, others):
             impl = backends.select(backend, v)
             with backends.no_autocast(v):
                 v, u = v.float(), u.float()
-                comp = materialize(impl.hide_factors(u, 0.9))
+                comp = impl.reconstruction(u, 0.9)
                 n_other = others[0].shape[0]
                 all_v, all_u = torch.cat([others[0], v]), torch.cat([others[1], u])
                 all_c = torch.cat([others[2], comp])
