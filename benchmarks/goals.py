@@ -328,7 +328,7 @@ def col_grad_table(quick: bool, rounds: int, rows: list):
                             "needs CUDA and the cuda backend"))
         return
     d, width = 768, 65
-    for n in ((4096,) if quick else (131072, 262144)):
+    for n in ((4096,) if quick else (262144, 131072)):  # the goal's size first
         g = torch.Generator(device=DEVICE).manual_seed(0)
         feats = [torch.nn.functional.normalize(
             torch.randn(n, w, device=DEVICE, generator=g), dim=-1).to(torch.bfloat16).requires_grad_()
