@@ -322,6 +322,7 @@ def col_grad_table(quick: bool, rounds: int, rows: list):
     csrc/dual_infonce_cuda.cu's cost model puts the switch (it recomputes below 256 rows
     a strip: N > 131072)."""
     from himo_fast.dual_infonce import dual_infonce
+    from meta_memory import cuda_auto_col_grad
     goal = "faster where auto recomputes only"
     if not CUDA or "cuda" not in himo_fast.available_backends(DEVICE):
         rows.append(missing("dual InfoNCE fwd+bwd, col_grad recompute vs accumulate", goal,
@@ -346,7 +347,7 @@ def col_grad_table(quick: bool, rounds: int, rows: list):
             measured[col_grad] = (median_ms(step, rounds), peak_extra_bytes(step, grads) / 2**20)
             torch.cuda.empty_cache()
         (ta, ma), (tr, mr) = measured["accumulate"], measured["recompute"]
-        recomputes = 2**25 // n < 256  # the auto rule (kCudaStripElements, kCudaRecomputeBelowRows)
+        _, recomputes = cuda_auto_col_grad(n)
         rows.append(row(f"N={n}, d={d}: dual InfoNCE fwd+bwd, col_grad recompute / accumulate",
                         tr / ta, goal, (tr < ta) if recomputes else (tr >= ta), "x",
                         f"{tr:.1f} vs {ta:.1f} ms; extra memory {mr:.0f} vs {ma:.0f} MiB; "

@@ -27,6 +27,17 @@ import himo_fast  # noqa: E402
 from himo_fast import backends  # noqa: E402
 
 
+# csrc/dual_infonce_cuda.cu's kCudaStripElements and kCudaRecomputeBelowRows
+CUDA_STRIP_ELEMENTS, CUDA_RECOMPUTE_BELOW_ROWS = 2**25, 256
+
+
+def cuda_auto_col_grad(n: int) -> tuple[int, bool]:
+    """(rows a strip, whether col_grad "auto" recomputes) for a square batch of N on CUDA:
+    csrc/dual_infonce.cpp's recompute_columns with those constants."""
+    rows = max(1, min(n, CUDA_STRIP_ELEMENTS // n))
+    return rows, rows < n and rows < CUDA_RECOMPUTE_BELOW_ROWS
+
+
 class Calls(LiveStorage):
     """LiveStorage, noting the live bytes as each dual InfoNCE op returns."""
 
@@ -66,10 +77,10 @@ def main(argv=None) -> int:
           f"{a.n * a.d * 4 / MiB:.0f} MiB)")
     for name, now in live.at_op:
         print(f"  alive when {name} returns: {now / MiB:.0f} MiB (its outputs included)")
-    # inside the op's backward (not seen above): the device constants of dual_infonce_cuda.cu
-    strip_rows = max(1, min(a.n, 2**25 // a.n))
-    accumulator = a.n * a.d * 4 if strip_rows >= min(a.n, 256) else 0
-    strip = 2**25 * (6 if a.route == "strips" else 2)
+    # inside the op's backward (not seen above)
+    strip_rows, recomputes = cuda_auto_col_grad(a.n)
+    accumulator = 0 if recomputes else a.n * a.d * 4
+    strip = CUDA_STRIP_ELEMENTS * (6 if a.route == "strips" else 2)
     print(f"  inside dual_ce_backward (by hand): {strip / MiB:.0f} MiB of weights strip, "
           f"{accumulator / MiB:.0f} MiB of columns' accumulator (col_grad auto "
           f"{'accumulates' if accumulator else 'recomputes'} at {strip_rows} rows a strip)")

@@ -94,12 +94,17 @@ def hide_forward(u: torch.Tensor, tau: float, sliced: bool, ops: HiDeOps):
                                projector)
 
 
-def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
-    """∂L/∂u from the factors' gradients (None: zero), SPEC section 3's exact gradient."""
-    x, eigvals, kept, rest, lam_kept, lam_rest, across, z, b, *partial = saved.tensors
+def _restored(saved: Saved, eigvals, kept, rest, lam_kept, lam_rest, across, partial):
+    """(Subspace, Split) for a backward, from the subspace's saved tensors."""
     sub = Subspace(None, eigvals, None, None, saved.gram,
                    PartialBasis(*partial, *saved.partial) if partial else None)
-    parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
+    return sub, Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
+
+
+def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
+    """∂L/∂u from the factors' gradients (None: zero), SPEC section 3's exact gradient."""
+    x, *subspace, z, b = saved.tensors[:9]
+    sub, parts = _restored(saved, *subspace, saved.tensors[9:])
     grad_z = torch.zeros_like(z) if grad_z is None else grad_z
     grad_b = torch.zeros_like(b) if grad_b is None else grad_b
     grad_mean = torch.zeros_like(x[:1]) if grad_mean is None else grad_mean
@@ -117,16 +122,14 @@ def reconstruction_forward(text: torch.Tensor, tau: float, ops: HiDeOps):
                          f"space); got N={n}, d={d}: use hide_factors")
     (z, b, mean), saved = hide_forward(text.to(compute_dtype(text.dtype)), tau, False, ops)
     out = ops.product(z, b.T, mean)  # materialize
-    _x, *subspace, _z, b, partial = (*saved.tensors[:9], saved.tensors[9:])
-    return out, saved._replace(tensors=(mean, *subspace, b, *partial))
+    _x, *subspace, _z, pi = saved.tensors[:9]
+    return out, saved._replace(tensors=(mean, *subspace, pi, *saved.tensors[9:]))
 
 
 def reconstruction_backward_from(text: torch.Tensor, saved: Saved, grad: torch.Tensor):
     """∂L/∂text from ∂L/∂u' (pca.reconstruction_backward), in the texts' dtype."""
-    mean, eigvals, kept, rest, lam_kept, lam_rest, across, pi, *partial = saved.tensors
-    sub = Subspace(None, eigvals, None, None, False,
-                   PartialBasis(*partial, *saved.partial) if partial else None)
-    parts = Split(kept, rest, lam_kept, lam_rest, across if across.numel() else None)
+    mean, *subspace, pi = saved.tensors[:8]
+    sub, parts = _restored(saved, *subspace, saved.tensors[8:])
     return reconstruction_backward(RecentredRows(text, mean), sub, parts, pi, grad)
 
 

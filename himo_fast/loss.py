@@ -80,10 +80,8 @@ class MoLo(nn.Module):
         # gradient path) or this rank's.
         texts = (with_local_slice(all_u, u, self.rank)
                  if self.pca_scope == "global" and distributed else u)
-        if impl.fuses_reconstruction(texts):  # u' at once; no N x d tensor kept for HiDe
-            factors, comp = None, impl.reconstruction(texts, self.tau)
-        else:
-            factors = impl.hide_factors(texts, self.tau)
+        # None: u' at once from the fused op, which keeps no N x d tensor for HiDe
+        factors = None if impl.fuses_reconstruction(texts) else impl.hide_factors(texts, self.tau)
         # One basis for every column (single rank, or global PCA): the component logits
         # go through the m-dim subspace when that is narrower than d.
         if (factors is not None and (self.pca_scope == "global" or not distributed)
@@ -94,7 +92,8 @@ class MoLo(nn.Module):
                 comp_r = comp_c.narrow(0, self.rank * b, b)
                 cimg_r = component_image(factors, v)
         else:
-            comp = materialize(factors) if factors is not None else comp
+            comp = (impl.hide_reconstruction(texts, self.tau) if factors is None
+                    else materialize(factors))
             if self.pca_scope == "global" and distributed:
                 comp_c, comp_r = comp, comp.narrow(0, self.rank * b, b)
             else:

@@ -297,9 +297,14 @@ def reconstruction_backward(x: RecentredRows, sub: Subspace, parts: Split, pi: t
     each row block is written once. Holds no N x d tensor but the result."""
     n, d = x.shape
     dtype, blocks = parts.kept.dtype, row_blocks(n, d)
-    c = projector_cbar(sub, parts, _t_product(grad, x, blocks, grad.dtype), grad.dtype)
+    grad_b = x_sum = None
+    for r in blocks:  # R̄ᵀX̂ and Σ X̂ from one recentring of each block
+        xr = x[r]
+        part, xs = grad[r].T @ xr, xr.to(dtype).sum(0, keepdim=True)
+        grad_b, x_sum = (part, xs) if grad_b is None else (grad_b.add_(part), x_sum.add_(xs))
+    c = projector_cbar(sub, parts, grad_b, grad.dtype)
     grad_mean = grad.sum(0, keepdim=True)  # ∂L/∂ū: ū is added to every row of u'
-    x_mean = sum(x[r].to(dtype).sum(0, keepdim=True) for r in blocks) / n
+    x_mean = x_sum / n
     shift = grad_mean.to(dtype) / n - ((grad_mean / n) @ pi).to(dtype) - 2.0 * (x_mean @ c)
     out = torch.empty(x.shape, dtype=x.u.dtype, device=grad.device)
     for r in blocks:
