@@ -492,3 +492,15 @@ def test_memory_stays_far_below_one_n_by_n_matrix():
 def test_cuda_matches_reference(cuda, dtype, square):
     for B, N, d, strip in [(1, 3, 5, 0), (33, 99, 31, 8), (257, 771, 96, 0)]:
         _compare(B, B if square else N, d, dtype, cuda, square, 0.1, strip)
+
+
+@pytest.mark.parametrize("route,dtype", [("strips", torch.float32), ("strips", torch.bfloat16),
+                                         ("tiles", torch.bfloat16), ("tiles", torch.float16)])
+def test_cuda_recomputed_columns_match_reference(cuda, route, dtype):
+    # col_grad "recompute" on the GPU (the kernels with the two sides swapped, the kept
+    # strip count, the tiles' weights kernel): the float64 reference at SPEC 4's
+    # tolerances, odd sizes and several strips.
+    for B, d, strip in [(1, 5, 0), (33, 31, 8), (257, 96, 64)]:
+        _compare(B, B, d, dtype, cuda, True, 0.1, d_comp=7,
+                 fn=lambda *a: dual_infonce(*a, kernel_dtype=dtype, strip_rows=strip,
+                                            route=route, col_grad="recompute"))
