@@ -8,8 +8,9 @@ inputs and their gradients, and what is alive when the dual InfoNCE op is called
 seen: what a compiled op allocates inside itself. For `himo_fast::dual_ce` add, at its
 backward, one strip of weights (2^25 logits: 192 MiB strips, 64 MiB tiles) and, where
 col_grad "auto" accumulates the columns' gradient (N ≤ 131072 on CUDA), one fp32
-accumulator of it (N·width·4 bytes); at its forward, tiles, the column partials (≤ 528
-row blocks × N × 8 bytes). The script prints that estimate too. On 2026-12-07 it showed
+accumulator of it (N·width·4 bytes); at its forward, tiles, the column partials (8 bytes
+per column and row block of a launch: ≤ 528 blocks, ≤ 2^25 / N of them). The script prints
+that estimate too. On 2026-12-07 it showed
 HiDe's whole float64 copies (13 GiB at N = 262144), since cut to row blocks.
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ import himo_fast  # noqa: E402
 from himo_fast import backends  # noqa: E402
 
 
-# csrc/dual_infonce_cuda.cu's kCudaStripElements and kCudaRecomputeBelowRows
-CUDA_STRIP_ELEMENTS, CUDA_RECOMPUTE_BELOW_ROWS = 2**25, 256
+# csrc/dual_infonce_cuda.cu's kCudaStripElements and kCudaRecomputeBelowRows;
+# csrc/dual_infonce_tiles_cuda.cu's row blocks per lse launch (kCudaLseRows / kM)
+CUDA_STRIP_ELEMENTS, CUDA_RECOMPUTE_BELOW_ROWS, CUDA_LSE_BLOCKS = 2**25, 256, 528
 
 
 def cuda_auto_col_grad(n: int) -> tuple[int, bool]:
@@ -36,6 +38,12 @@ def cuda_auto_col_grad(n: int) -> tuple[int, bool]:
     csrc/dual_infonce.cpp's recompute_columns with those constants."""
     rows = max(1, min(n, CUDA_STRIP_ELEMENTS // n))
     return rows, rows < n and rows < CUDA_RECOMPUTE_BELOW_ROWS
+
+
+def cuda_tiles_partials_bytes(n: int) -> int:
+    """The column partials of one lse launch of the tiles route, square batch of N on CUDA:
+    csrc/dual_infonce.cpp's tile_lse_rows."""
+    return 8 * n * min(CUDA_LSE_BLOCKS, max(1, CUDA_STRIP_ELEMENTS // n), -(-n // 64))
 
 
 class Calls(LiveStorage):
@@ -84,6 +92,9 @@ def main(argv=None) -> int:
     print(f"  inside dual_ce_backward (by hand): {strip / MiB:.0f} MiB of weights strip, "
           f"{accumulator / MiB:.0f} MiB of columns' accumulator (col_grad auto "
           f"{'accumulates' if accumulator else 'recomputes'} at {strip_rows} rows a strip)")
+    if a.route == "tiles":
+        print(f"  inside dual_ce (by hand): {cuda_tiles_partials_bytes(a.n) / MiB:.0f} MiB of "
+              f"column partials per lse launch")
     return 0
 
 

@@ -200,6 +200,16 @@ int64_t strip_rows(const Device& dev, int64_t rows, int64_t cols, int64_t reques
   return std::max<int64_t>(1, std::min(rows, dev.strip_elements / std::max<int64_t>(cols, 1)));
 }
 
+// Rows per lse call of the fused route: the device's count, fewer where their column
+// partials (2 values per column and row block of tiles::kM) would pass 2 per logit of a
+// strip. Same bytes and FLOPs in all, only more launches: at N = 262144 on CUDA, 128 row
+// blocks (256 MiB of partials) where 528 would hold 1.1 GiB.
+int64_t tile_lse_rows(const Device& dev, int64_t cols, int64_t requested) {
+  if (requested > 0) return requested;
+  const int64_t blocks = std::max<int64_t>(1, dev.strip_elements / std::max<int64_t>(cols, 1));
+  return std::min(dev.tiles.lse_rows, blocks * tiles::kM);
+}
+
 // Row nll = logsumexp - ref of s·R·Cᵀ and, when asked, the same for every column (the
 // square case: the transposed matrix's rows come from the same strips or tiles).
 // keep: defined (B x N) to keep the logits' dot products for the backward. tiled: the
@@ -217,8 +227,8 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
     col_max = at::full({N}, -std::numeric_limits<double>::infinity(), R.options().dtype(acc));
     col_sum = at::zeros({N}, R.options().dtype(acc));
   }
-  const int64_t step = !tiled ? strip_rows(dev, B, N, requested_rows)
-                     : requested_rows > 0 ? requested_rows : dev.tiles.lse_rows;
+  const int64_t step = tiled ? tile_lse_rows(dev, N, requested_rows)
+                            : strip_rows(dev, B, N, requested_rows);
   const at::Tensor Ct = C.t();
   for (int64_t r0 = 0; r0 < B; r0 += step) {
     const int64_t rn = std::min(step, B - r0);

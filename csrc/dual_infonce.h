@@ -66,7 +66,9 @@ struct TileKernels {
   void (*weights)(const at::Tensor& R, const at::Tensor& C, const at::Tensor& scale,
                   const Side& rows, const Side& cols, int64_t label_col0, at::Tensor& w,
                   at::Tensor& ds_rows);
-  int64_t lse_rows;  // rows per lse call (its column partials: 2 x lse_rows / kM x N)
+  // Rows per lse call at most (their column partials: 2 x lse_rows / kM x N; the driver
+  // takes fewer where that passes 2 x strip_elements).
+  int64_t lse_rows;
   bool (*accepts)(at::ScalarType features);
   const char* dtypes;  // what it accepts, for the error message
 };

@@ -316,8 +316,9 @@ bool cuda_tiles_accept(at::ScalarType features) {
   return features == at::kBFloat16 || features == at::kHalf;
 }
 
-// Row blocks per lse launch: 4 per SM of an H100 (132 SMs); their column partials take
-// 2 x 528 x N floats (1.1 GiB at N = 262144). Not tuned on a GPU yet.
+// Row blocks per lse launch: 4 per SM of an H100 (132 SMs), fewer where their column
+// partials (2 x 528 x N floats) would pass 2 x 2^25 (N > 63550; the driver's
+// tile_lse_rows): column splits keep the programs at kTargetPrograms. Not tuned on a GPU yet.
 constexpr int64_t kCudaLseRows = 528 * kM;
 
 }  // namespace

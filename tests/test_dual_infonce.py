@@ -294,6 +294,43 @@ def test_cuda_backward_holds_one_fp32_accumulator(cuda, route, col_grad):
     assert 0 < extra < bound
 
 
+def _tiles_forward_largest_allocation(n, d, device, dtype):
+    """The largest single allocation of a square tiles forward at N = n (no backward)."""
+    ts = [torch.nn.functional.normalize(torch.randn(n, w, device=device), dim=-1).to(dtype)
+          for w in (d, d, 2, 2)]
+    s = torch.tensor(10.0, device=device)
+    if device == "cpu":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            ce, _ = dual_ce(ts[:2], ts[2:], s, 0, 0.1, False, 0, "tiles")
+        assert torch.isfinite(ce).all()
+        return max(e.cpu_memory_usage for e in prof.events())
+    dual_ce(ts[:2], ts[2:], s, 0, 0.1, False, 0, "tiles")  # warm-up
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ce, _ = dual_ce(ts[:2], ts[2:], s, 0, 0.1, False, 0, "tiles")
+    torch.cuda.synchronize()
+    assert torch.isfinite(ce).all()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_cpu_tiles_column_partials_bounded_by_a_strip():
+    # The lse calls' column partials (2 values per column and row block of 64 rows) stay
+    # within 2 x strip_elements values (2^20 on the CPU: 8 MiB of fp32) where the device's
+    # 4096 rows a call would take 2 x 64 x N: at N = 17000, 61 row blocks a call (8.30 MB)
+    # where 64 took 8.70 MB. The partials are the forward's largest allocation.
+    largest = _tiles_forward_largest_allocation(17000, 4, "cpu", torch.float32)
+    assert 2 * 60 * 17000 * 4 < largest <= 2 * 2**20 * 4, largest
+
+
+def test_cuda_tiles_column_partials_bounded_by_a_strip(cuda):
+    # N = 262144: 128 row blocks a launch (256 MiB of partials) where the device's 528
+    # would take 1.06 GiB; the whole forward beyond its inputs within that and 16 MiB.
+    extra = _tiles_forward_largest_allocation(262144, 64, cuda, torch.bfloat16)
+    print(f"tiles forward at N=262144: {extra / 2**20:.1f} MiB beyond the inputs")
+    assert 2**28 <= extra <= 2**28 + 16 * 2**20, extra
+
+
 def _one_pair_has_exactly_zero_gradient(device, fn=dual_infonce):
     # One pair: softmax = target = 1, so the exact gradient is 0. Formed as s·P·b - s·b
     # it would be rounding noise of size ulp(s); the kernel forms g·(P - y) per logit.
