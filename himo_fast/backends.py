@@ -82,8 +82,8 @@ class Impl:
     name: str
     hide_factors: Callable  # (u, tau) -> factors.Factors
     dual_infonce: Callable  # (rows, cols, scale, label_offset, label_smoothing) -> (global, comp)
-    # (u, tau) -> u' for N > d, fused (factors.hide_reconstruction), where the backend's
-    # factors are masked
+    # (u, tau, dtype=None) -> u' for N > d, fused (factors.hide_reconstruction), where the
+    # backend's factors are masked
     hide_reconstruction: Callable | None = None
 
     def fuses_reconstruction(self, u: torch.Tensor) -> bool:
@@ -273,7 +273,7 @@ def triton_impl(kernel_ops: HiDeOps, graphs: stage_graphs.GraphCache | None = No
     return Impl("triton",
                 lambda u, tau: hide_factors(u, tau, sliced=False, ops=kernel_ops, graphs=graphs),
                 dual_infonce,
-                lambda u, tau: hide_reconstruction(u, tau, ops=kernel_ops, graphs=graphs))
+                lambda u, tau, dtype=None: hide_reconstruction(u, tau, kernel_ops, graphs, dtype))
 
 
 # ---------------------------------------------------------------- the backends
@@ -294,7 +294,7 @@ def _build_cuda(kind: str):
     masked = HiDeOps(*TORCH_OPS[:3], sync_free_eigh)
     return _extension.unavailable_reason(need_cuda=True) or Impl(
         "cuda", lambda u, tau: hide_factors(u, tau, sliced=False, ops=masked), _cuda_dual_infonce,
-        lambda u, tau: hide_reconstruction(u, tau, ops=masked))
+        lambda u, tau, dtype=None: hide_reconstruction(u, tau, masked, dtype=dtype))
 
 
 def _build_triton(kind: str):

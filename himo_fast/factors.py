@@ -26,7 +26,7 @@ import torch
 
 from .pca import (RecentredRows, Subspace, Split, centring_backward, compute_dtype,
                   differentiable_subspace, factor, factor_backward, gram_or_cov,
-                  principal_subspace, reconstruction_backward, split)
+                  principal_subspace, reconstruction_backward, row_blocks, split)
 from .subspace_iteration import PartialBasis
 
 
@@ -112,16 +112,22 @@ def hide_backward(saved: Saved, grad_z, grad_b, grad_mean) -> torch.Tensor:
     return centring_backward(grad_x, grad_mean)
 
 
-def reconstruction_forward(text: torch.Tensor, tau: float, ops: HiDeOps):
+def reconstruction_forward(text: torch.Tensor, tau: float, ops: HiDeOps, out_dtype=None):
     """u' = X̂Π + ū (the masked covariance-space layout, N > d) without autograd: (u',
     Saved) with ū and the subspace's tensors, not X̂: the backward recomputes its rows
-    from the texts (RecentredRows), which the caller holds anyway."""
+    from the texts (RecentredRows), which the caller holds anyway. u' in ``out_dtype``
+    (default: the compute dtype), a narrower one rounded row block by row block."""
     n, d = text.shape
     if n <= d:
         raise ValueError(f"himo_fast: the fused reconstruction is for N > d (the covariance "
                          f"space); got N={n}, d={d}: use hide_factors")
     (z, b, mean), saved = hide_forward(text.to(compute_dtype(text.dtype)), tau, False, ops)
-    out = ops.product(z, b.T, mean)  # materialize
+    if out_dtype in (None, z.dtype):
+        out = ops.product(z, b.T, mean)  # materialize
+    else:  # no N x d copy in the compute dtype beside the narrow one
+        out = z.new_empty(z.shape, dtype=out_dtype)
+        for r in row_blocks(n, d):
+            out[r] = ops.product(z[r], b.T, mean)
     _x, *subspace, _z, pi = saved.tensors[:9]
     return out, saved._replace(tensors=(mean, *subspace, pi, *saved.tensors[9:]))
 
@@ -165,8 +171,8 @@ class _HiDeFactors(torch.autograd.Function):
 
 class _HiDeReconstruction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, text: torch.Tensor, tau: float, ops: HiDeOps):
-        out, saved = reconstruction_forward(text, tau, ops)
+    def forward(ctx, text: torch.Tensor, tau: float, ops: HiDeOps, out_dtype):
+        out, saved = reconstruction_forward(text, tau, ops, out_dtype)
         ctx.save_for_backward(text, *saved.tensors)
         ctx.saved = saved._replace(tensors=())
         return out
@@ -176,7 +182,7 @@ class _HiDeReconstruction(torch.autograd.Function):
         refuse_double_backward()
         text, *tensors = ctx.saved_tensors
         saved = ctx.saved._replace(tensors=tuple(tensors))
-        return reconstruction_backward_from(text, saved, grad), None, None
+        return reconstruction_backward_from(text, saved, grad), None, None, None
 
 
 def hide_factors_differentiable(text_features: torch.Tensor, tau: float = 0.9) -> Factors:
@@ -216,9 +222,10 @@ class HiDeReconstructionStage(NamedTuple):
 
     tau: float
     ops: HiDeOps
+    out_dtype: torch.dtype | None = None
 
     def forward(self, inputs):
-        out, saved = reconstruction_forward(inputs[0], self.tau, self.ops)
+        out, saved = reconstruction_forward(inputs[0], self.tau, self.ops, self.out_dtype)
         return (out,), saved.tensors, saved._replace(tensors=())
 
     def backward(self, inputs, saved, constants, grads):
@@ -226,23 +233,26 @@ class HiDeReconstructionStage(NamedTuple):
                                              grads[0]),)
 
     def eager(self, text):
-        return (_HiDeReconstruction.apply(text, self.tau, self.ops),)
+        return (_HiDeReconstruction.apply(text, self.tau, self.ops, self.out_dtype),)
 
     def graphable(self, inputs) -> bool:
         return HiDeStage(self.tau, self.ops).graphable(inputs)
 
 
 def hide_reconstruction(text_features: torch.Tensor, tau: float = 0.9, ops: HiDeOps = TORCH_OPS,
-                        graphs=None) -> torch.Tensor:
-    """materialize(hide_factors(texts, τ)) for N > d as one op, in at least float32: the
-    same u' and gradient (to rounding), holding less. Its backward keeps the texts and ū,
-    not X̂ (nor Z = X̂ in materialize's graph), and writes ∂L/∂texts once, by row blocks, in
-    their dtype: at N = 262144, d = 768 the factors' route holds X̂ (768 MiB in fp32) from
-    HiDe's forward to its backward, and there two more N x d fp32 tensors (∂L/∂Z and ∂L/∂X̂).
+                        graphs=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """materialize(hide_factors(texts, τ)) for N > d as one op, in at least float32 (or
+    ``dtype``): the same u' and gradient (to rounding), holding less. Its backward keeps
+    the texts and ū, not X̂ (nor Z = X̂ in materialize's graph), and writes ∂L/∂texts once,
+    by row blocks, in their dtype: at N = 262144, d = 768 the factors' route holds X̂ (768
+    MiB in fp32) from HiDe's forward to its backward, and there two more N x d fp32 tensors
+    (∂L/∂Z and ∂L/∂X̂). A narrower ``dtype`` (the bf16 the dual InfoNCE takes u' in) also
+    spares the fp32 u' beside its cast through the loss's forward, and the fp32 ∂L/∂u'
+    (the cast's gradient) at this backward: ∂L/∂u' comes in that dtype, upcast by blocks.
     Replayed from ``graphs`` (a graphs.GraphCache) where given."""
     if graphs is not None:
-        return graphs(HiDeReconstructionStage(tau, ops), text_features)[0]
-    return _HiDeReconstruction.apply(text_features, tau, ops)
+        return graphs(HiDeReconstructionStage(tau, ops, dtype), text_features)[0]
+    return _HiDeReconstruction.apply(text_features, tau, ops, dtype)
 
 
 def hide_factors(text_features: torch.Tensor, tau: float = 0.9, sliced: bool = False,

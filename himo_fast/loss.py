@@ -92,7 +92,9 @@ class MoLo(nn.Module):
                 comp_r = comp_c.narrow(0, self.rank * b, b)
                 cimg_r = component_image(factors, v)
         else:
-            comp = (impl.hide_reconstruction(texts, self.tau) if factors is None
+            # Fused: u' in the texts' dtype, the one the fused backends' (cuda, triton) dual
+            # InfoNCE takes it in, so no fp32 u' (nor its fp32 gradient) beside the bf16 one
+            comp = (impl.hide_reconstruction(texts, self.tau, texts.dtype) if factors is None
                     else materialize(factors))
             if self.pca_scope == "global" and distributed:
                 comp_c, comp_r = comp, comp.narrow(0, self.rank * b, b)

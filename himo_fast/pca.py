@@ -294,21 +294,22 @@ def reconstruction_backward(x: RecentredRows, sub: Subspace, parts: Split, pi: t
     backwards give, by row blocks, with X̂'s rows recomputed. ∂L/∂B = R̄ᵀX̂ and ∂L/∂Z = R̄Π
     as materialize's product would form them (in R̄'s dtype, Π as the forward used it);
     centring's mean term, mean(∂L/∂X̂) = mean(R̄)Π + 2·mean(X̂)C̄, from column means, so that
-    each row block is written once. Holds no N x d tensor but the result."""
+    each row block is written once. Holds no N x d tensor but the result. R̄ narrower than
+    the compute dtype (u' given out narrow) is upcast block by block: the same values."""
     n, d = x.shape
-    dtype, blocks = parts.kept.dtype, row_blocks(n, d)
+    dtype, blocks, rdt = parts.kept.dtype, row_blocks(n, d), x.mean.dtype
     grad_b = x_sum = None
     for r in blocks:  # R̄ᵀX̂ and Σ X̂ from one recentring of each block
         xr = x[r]
-        part, xs = grad[r].T @ xr, xr.to(dtype).sum(0, keepdim=True)
+        part, xs = grad[r].to(rdt).T @ xr, xr.to(dtype).sum(0, keepdim=True)
         grad_b, x_sum = (part, xs) if grad_b is None else (grad_b.add_(part), x_sum.add_(xs))
-    c = projector_cbar(sub, parts, grad_b, grad.dtype)
-    grad_mean = grad.sum(0, keepdim=True)  # ∂L/∂ū: ū is added to every row of u'
+    c = projector_cbar(sub, parts, grad_b, rdt)
+    grad_mean = grad.sum(0, keepdim=True, dtype=rdt)  # ∂L/∂ū: ū is added to every row of u'
     x_mean = x_sum / n
     shift = grad_mean.to(dtype) / n - ((grad_mean / n) @ pi).to(dtype) - 2.0 * (x_mean @ c)
     out = torch.empty(x.shape, dtype=x.u.dtype, device=grad.device)
     for r in blocks:
-        out[r] = (grad[r] @ pi).to(dtype) + 2.0 * (x[r].to(dtype) @ c) + shift
+        out[r] = (grad[r].to(rdt) @ pi).to(dtype) + 2.0 * (x[r].to(dtype) @ c) + shift
     return out
 
 

@@ -58,6 +58,43 @@ def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
     _loss_matches_reference(*pairs(n, d, torch.float32, requires_grad=False), triton_device)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_takes_the_fused_reconstruction_in_the_features_dtype(triton_device, dtype):
+    """N > d, narrow features: the loss asks the fused reconstruction for u' in their dtype
+    (the dual InfoNCE's), not fp32 then cast: the same loss and gradients as the cast
+    route, bit for bit, and the reference's at SPEC 4's tolerance."""
+    import dataclasses
+    v, u = pairs(40, 24, torch.float64, requires_grad=False)
+    impl = backends.select("triton", u.to(triton_device))
+    seen = []
+
+    def spy(t, tau, dtype=None):
+        out = impl.hide_reconstruction(t, tau, dtype)
+        seen.append(out.dtype)
+        return out
+
+    routes = {"narrow": dataclasses.replace(impl, hide_reconstruction=spy),
+              "cast": dataclasses.replace(impl, hide_reconstruction=lambda t, tau, dtype=None:
+                                          impl.hide_reconstruction(t, tau))}
+    got = {}
+    for name, route in routes.items():
+        leaves = [t.to(triton_device, dtype).requires_grad_() for t in (v, u)]
+        s = torch.tensor(12.0, device=triton_device, requires_grad=True)
+        value = himo_fast.MoLo()._loss(route, *leaves, s, None, False)
+        got[name] = [value, *torch.autograd.grad(value, (*leaves, s))]
+    assert seen == [dtype]
+    for a, b in zip(got["narrow"], got["cast"]):
+        assert a.dtype == b.dtype and torch.isfinite(a).all()
+        assert torch.equal(a, b)  # one row block at this size: the same rounding of u'
+    v64, u64 = (t.to(dtype).double().requires_grad_() for t in (v, u))
+    s64 = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    ref = himo_fast.MoLo(backend="reference")(v64, u64, s64)
+    want = [ref, *torch.autograd.grad(ref, (v64, u64, s64))]
+    assert loss_rel(got["narrow"][0].cpu(), want[0]) <= 2e-2
+    for a, b in zip(got["narrow"][1:], want[1:]):
+        assert rel(a.float().cpu(), b) <= 2e-2
+
+
 def test_float64_gradcheck_through_the_kernels(triton_device):
     v, u = pairs(7, 5, torch.float64, requires_grad=False)
     v, u = v.to(triton_device).requires_grad_(), u.to(triton_device).requires_grad_()

@@ -236,6 +236,11 @@ def test_fused_reconstruction_equals_the_factors_route(monkeypatch, dtype, n, d,
     assert torch.equal(fused[0], route[0])
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3}[dtype]
     assert 0 < rel(fused[1], route[1]) <= tol or torch.equal(fused[1], route[1])
+    if dtype == torch.bfloat16:  # u' asked in the texts' dtype, as the loss asks for it
+        narrow = _weighted(lambda t: hide_reconstruction(t, tau, dtype=dtype), u, w)
+        cast = _weighted(lambda t: materialize(hide_factors(t, tau)).to(dtype), u, w)
+        assert narrow[0].dtype == dtype and torch.equal(narrow[0], cast[0])
+        assert 0 < rel(narrow[1], cast[1]) <= tol or torch.equal(narrow[1], cast[1])
     if dtype == torch.float64:  # and the reference twin, gradient of any order
         ref = _weighted(lambda t: hide_reference(t, tau), u, w)
         assert rel(fused[0], ref[0]) <= 1e-12 and rel(fused[1], ref[1]) <= 1e-10
@@ -309,6 +314,13 @@ def test_fused_reconstruction_compiled_equals_eager():
     assert fn(u).isfinite()
     for a, b in zip(eager, compiled):
         assert rel(a, b) <= 1e-12
+    # u' asked narrow (bf16 texts), as the loss asks for it
+    u16 = u.detach().to(torch.bfloat16)
+    narrow = lambda t: hide_reconstruction(t, 0.9, dtype=torch.bfloat16)
+    eager = _weighted(narrow, u16, w)
+    compiled = _weighted(torch.compile(narrow, fullgraph=True), u16, w)
+    for a, b in zip(eager, compiled):
+        assert a.dtype == b.dtype == torch.bfloat16 and rel(a.float(), b.float()) <= 4e-3
 
 
 @pytest.mark.parametrize("n,d", [(24, 16), (12, 20)])  # covariance, Gram
