@@ -298,6 +298,8 @@ def reconstruction_backward(x: RecentredRows, sub: Subspace, parts: Split, pi: t
     the compute dtype (u' given out narrow) is upcast block by block: the same values."""
     n, d = x.shape
     dtype, blocks, rdt = parts.kept.dtype, row_blocks(n, d), x.mean.dtype
+    if len(blocks) == 1:  # upcast once, not per pass (small N: launches count)
+        grad = grad.to(rdt)
     grad_b = x_sum = None
     for r in blocks:  # R̄ᵀX̂ and Σ X̂ from one recentring of each block
         xr = x[r]
