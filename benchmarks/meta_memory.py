@@ -29,8 +29,9 @@ from himo_fast import backends  # noqa: E402
 
 
 # csrc/dual_infonce_cuda.cu's kCudaStripElements and kCudaRecomputeBelowRows;
-# csrc/dual_infonce_tiles_cuda.cu's row blocks per lse launch (kCudaLseRows / kM)
-CUDA_STRIP_ELEMENTS, CUDA_RECOMPUTE_BELOW_ROWS, CUDA_LSE_BLOCKS = 2**25, 256, 528
+# csrc/dual_infonce_tiles_cuda.cu's row blocks per lse launch (kCudaLseRows / kM) and
+# csrc/logit_tile.h's rows of a tile (kM)
+CUDA_STRIP_ELEMENTS, CUDA_RECOMPUTE_BELOW_ROWS, CUDA_LSE_BLOCKS, TILE_ROWS = 2**25, 256, 528, 64
 
 
 def cuda_auto_col_grad(n: int) -> tuple[int, bool]:
@@ -43,7 +44,7 @@ def cuda_auto_col_grad(n: int) -> tuple[int, bool]:
 def cuda_tiles_partials_bytes(n: int) -> int:
     """The column partials of one lse launch of the tiles route, square batch of N on CUDA:
     csrc/dual_infonce.cpp's tile_lse_rows."""
-    return 8 * n * min(CUDA_LSE_BLOCKS, max(1, CUDA_STRIP_ELEMENTS // n), -(-n // 64))
+    return 8 * n * min(CUDA_LSE_BLOCKS, max(1, CUDA_STRIP_ELEMENTS // n), -(-n // TILE_ROWS))
 
 
 class Calls(LiveStorage):

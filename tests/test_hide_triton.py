@@ -1,6 +1,7 @@
 """HiDe and the full loss through the ``triton`` backend (himo_fast.kernels) against the
 exact float64 reference: decaying and isotropic spectra, tau in {0.5, 0.9, 0.99}, odd
-N and d on both sides of N = d; the chosen m; gradients; degenerate batches."""
+N and d on both sides of N = d; the chosen m; gradients; degenerate batches (and the
+cuda backend's twin of the narrow-u' test, which shares its body)."""
 import pytest
 import torch
 
@@ -58,14 +59,13 @@ def test_full_loss_matches_reference_value_and_gradient(triton_device, n, d):
     _loss_matches_reference(*pairs(n, d, torch.float32, requires_grad=False), triton_device)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_loss_takes_the_fused_reconstruction_in_the_features_dtype(triton_device, dtype):
+def _loss_takes_the_fused_reconstruction_in_the_features_dtype(backend, device, dtype):
     """N > d, narrow features: the loss asks the fused reconstruction for u' in their dtype
-    (the dual InfoNCE's), not fp32 then cast: the same loss and gradients as the cast
-    route, bit for bit, and the reference's at SPEC 4's tolerance."""
+    (the dual InfoNCE's on both fused backends), not fp32 then cast: the same loss and
+    gradients as the cast route, bit for bit, and the reference's at SPEC 4's tolerance."""
     import dataclasses
     v, u = pairs(40, 24, torch.float64, requires_grad=False)
-    impl = backends.select("triton", u.to(triton_device))
+    impl = backends.select(backend, u.to(device))
     seen = []
 
     def spy(t, tau, dtype=None):
@@ -78,8 +78,8 @@ def test_loss_takes_the_fused_reconstruction_in_the_features_dtype(triton_device
                                           impl.hide_reconstruction(t, tau))}
     got = {}
     for name, route in routes.items():
-        leaves = [t.to(triton_device, dtype).requires_grad_() for t in (v, u)]
-        s = torch.tensor(12.0, device=triton_device, requires_grad=True)
+        leaves = [t.to(device, dtype).requires_grad_() for t in (v, u)]
+        s = torch.tensor(12.0, device=device, requires_grad=True)
         value = himo_fast.MoLo()._loss(route, *leaves, s, None, False)
         got[name] = [value, *torch.autograd.grad(value, (*leaves, s))]
     assert seen == [dtype]
@@ -93,6 +93,19 @@ def test_loss_takes_the_fused_reconstruction_in_the_features_dtype(triton_device
     assert loss_rel(got["narrow"][0].cpu(), want[0]) <= 2e-2
     for a, b in zip(got["narrow"][1:], want[1:]):
         assert rel(a.float().cpu(), b) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_takes_the_fused_reconstruction_in_the_features_dtype(triton_device, dtype):
+    _loss_takes_the_fused_reconstruction_in_the_features_dtype("triton", triton_device, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_backend_loss_takes_the_fused_reconstruction_in_the_features_dtype(cuda, dtype):
+    # The cuda backend's twin (torch products, its own dual InfoNCE): the same coupling.
+    if "cuda" not in himo_fast.available_backends("cuda"):
+        pytest.skip("the cuda backend is not built")
+    _loss_takes_the_fused_reconstruction_in_the_features_dtype("cuda", cuda, dtype)
 
 
 def test_float64_gradcheck_through_the_kernels(triton_device):
