@@ -255,13 +255,15 @@ void job_forward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
 // over the rows (and the columns when cols is defined), from strips of the weights W: each
 // strip of logits recomputed (or copied from `kept`, the forward's, when defined) and
 // turned into W in place, or, tiled, W written directly by the tile kernel in R's dtype.
-// dR (R's dtype) is overwritten strip by strip, each strip scaled before it is rounded;
+// dR (R's dtype) is overwritten strip by strip (added to, with add_rows: R is shared with
+// the other branch), each strip scaled and, when added, summed before it is rounded;
 // dC (the accumulation dtype) is accumulated into, in place, and dscale added to, each
 // where defined. kept: [B, N] dot products, any strides (a transposed view included).
 void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
                   const at::Tensor& scale, const Side& rows, const Side& cols,
                   int64_t label_offset, at::Tensor& dR, at::Tensor dC, at::Tensor dscale,
-                  int64_t requested_rows, const at::Tensor& kept, bool tiled) {
+                  int64_t requested_rows, const at::Tensor& kept, bool tiled,
+                  bool add_rows = false) {
   const StripKernels& k = dev.strips;
   const int64_t B = R.size(0), N = C.size(0);
   const int64_t step = strip_rows(dev, B, N, requested_rows);
@@ -289,7 +291,10 @@ void job_backward(const Device& dev, const at::Tensor& R, const at::Tensor& C,
     // tensor-core products (the tile kernel writes them so); accumulation stays in fp32.
     const at::Tensor wm = w.scalar_type() != R.scalar_type() ? w.to(R.scalar_type()) : w;
     at::Tensor dR_strip = dR.narrow(0, r0, rn);
-    if (low_precision) {
+    if (add_rows) {
+      // The strip's product (rows x width, acc) summed with dR in acc, rounded once.
+      dR_strip.add_(mm_acc(wm, C, acc).mul_(scale));
+    } else if (low_precision) {
       dR_strip.copy_(at::mm(wm, C, acc).mul_(scale));
     } else {
       at::mm_out(dR_strip, wm, C);
@@ -365,10 +370,11 @@ void check_features(const char* name, const at::Tensor& t, const at::Tensor& lik
 }
 
 // One branch of the dual InfoNCE: rows (a_r, b_r) against columns (a_c, b_c); logits are
-// s·a_r·b_cᵀ and s·b_r·a_cᵀ. Square case: the columns are the rows.
+// s·a_r·b_cᵀ and s·b_r·a_cᵀ. Square case: the columns are the rows. shares_a: a_r and
+// a_c are the global branch's (the component branch given as [b_r] or [b_r, b_c]).
 struct Branch {
   at::Tensor a_r, b_r, a_c, b_c;
-  bool square;
+  bool square, shares_a;
 };
 
 struct Inputs {
@@ -383,8 +389,22 @@ Branch check_branch(const char* name, at::TensorList t, const at::Tensor& like) 
                     " tensors");
   check_features("a_r", t[0], like, "global a_r", false);
   for (size_t i = 1; i < t.size(); ++i) check_features(name, t[i], t[0], "its a_r", true);
-  if (t.size() == 2) return {t[0], t[1], t[0], t[1], true};
-  return {t[0], t[1], t[2], t[3], false};
+  if (t.size() == 2) return {t[0], t[1], t[0], t[1], true, false};
+  return {t[0], t[1], t[2], t[3], false, false};
+}
+
+// The component branch: in full, or its b side only ([b_r] square, [b_r, b_c]), its a
+// side then being the global branch's (HiDe's materialized u': the image is both
+// branches' a). Half as many tensors as the global branch marks the short form.
+Branch check_comp_branch(at::TensorList t, const Branch& global) {
+  const size_t full = global.square ? 2 : 4;
+  TORCH_CHECK_VALUE(t.size() == full || t.size() == full / 2, "himo_fast dual_ce: comp_branch "
+                    "must be ", global.square ? "[a_r, b_r] or [b_r] (the global branch is "
+                    "square)" : "[a_r, b_r, a_c, b_c] or [b_r, b_c] (the global branch has "
+                    "columns)", ", got ", t.size(), " tensors");
+  if (t.size() == full) return check_branch("comp_branch", t, global.a_r);
+  for (const at::Tensor& b : t) check_features("comp_branch", b, global.a_r, "global a_r", true);
+  return {global.a_r, t[0], global.a_c, global.square ? t[0] : t[1], global.square, true};
 }
 
 Inputs check_inputs(const Device& dev, at::TensorList global_branch, at::TensorList comp_branch,
@@ -406,9 +426,7 @@ Inputs check_inputs(const Device& dev, at::TensorList global_branch, at::TensorL
                    " inputs must be ", dev.dtypes, ", got ", a.scalar_type(),
                    " with a ", acc, " scale");
   const Branch g = check_branch("global_branch", global_branch, a);
-  const Branch c = check_branch("comp_branch", comp_branch, a);
-  TORCH_CHECK_VALUE(g.square == c.square, "himo_fast dual_ce: both branches must be square "
-                    "or both have columns");
+  const Branch c = check_comp_branch(comp_branch, g);
   const int64_t B = g.a_r.size(0), N = g.a_c.size(0);
   TORCH_CHECK_VALUE(B >= 1, "himo_fast dual_ce: empty batch");
   for (const at::Tensor* t : {&g.b_r, &c.a_r, &c.b_r}) {
@@ -468,13 +486,15 @@ Side side(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, int64_t
 }
 
 // Backward of one branch: the gradients of its tensors (2 square, else 4), in its order.
-// nll, g_ce, g_nll: [2, B], directions ab and ba.
+// nll, g_ce, g_nll: [2, B], directions ab and ba. A branch that shares a (br.shares_a)
+// adds a's gradient into the global branch's (global_grads, its order) and returns b's.
 std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, const at::Tensor& s,
                                         int64_t offset, double eps, const at::Tensor& nll,
                                         const at::Tensor& g_ce, const at::Tensor& g_nll,
                                         at::Tensor& dscale, int64_t strip,
                                         const at::Tensor& kept, bool tiled,
-                                        bool recompute_columns) {
+                                        bool recompute_columns,
+                                        std::vector<at::Tensor>& global_grads) {
   auto job = [&](int64_t j) { return kept_part(kept, j); };
   // The rows' gradients are written once, in the inputs' dtype; the columns' are
   // accumulated over the strips, in the scale's.
@@ -482,33 +502,40 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
   auto cast = [&](const at::Tensor& t) { return t.to(br.a_r.scalar_type()); };
   const int64_t B = br.a_r.size(0), N = br.a_c.size(0);
   const int64_t da = br.a_r.size(1);
+  const bool add = br.shares_a;
+  // a_r's gradient: the global branch's, added to, or a new one.
+  at::Tensor d_a = add ? global_grads[0] : at::empty({B, da}, row_opts);
   const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0], strip);
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1], strip);
   if (br.square && recompute_columns) {
     // W of s·a·bᵀ row by row for dA, then Wᵀ (the weights of s·b·aᵀ, the sides swapped,
     // the same two terms summed) row by row for dB; the scale's gradient counted once.
     const at::Tensor kept = job(0);
-    at::Tensor d_a = at::empty({B, da}, row_opts), d_b = at::empty({B, da}, row_opts);
+    at::Tensor d_b = at::empty({B, da}, row_opts);
     job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, at::Tensor(), dscale, strip, kept,
-                 tiled);
+                 tiled, add);
     job_backward(dev, br.b_r, br.a_r, s, ba, ab, 0, d_b, at::Tensor(), at::Tensor(), strip,
                  kept.defined() ? kept.t() : kept, tiled);
-    return {d_a, d_b};
+    return add ? std::vector<at::Tensor>{d_b} : std::vector<at::Tensor>{d_a, d_b};
   }
   if (br.square) {
-    at::Tensor d_a = at::empty({B, da}, row_opts), d_b = at::zeros({B, da}, col_opts);
-    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled);
-    return {d_a, cast(d_b)};
+    at::Tensor d_b = at::zeros({B, da}, col_opts);
+    job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled, add);
+    return add ? std::vector<at::Tensor>{cast(d_b)} : std::vector<at::Tensor>{d_a, cast(d_b)};
   }
-  at::Tensor d_a_r = at::empty({B, da}, row_opts), d_b_c = at::zeros({N, da}, col_opts);
-  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a_r, d_b_c, dscale, strip, job(0),
-               tiled);
+  at::Tensor d_b_c = at::zeros({N, da}, col_opts);
+  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a, d_b_c, dscale, strip, job(0),
+               tiled, add);
   at::Tensor d_b_c_out = cast(d_b_c);
   d_b_c = at::Tensor();  // one fp32 accumulator at a time
   at::Tensor d_b_r = at::empty({B, da}, row_opts), d_a_c = at::zeros({N, da}, col_opts);
   job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1),
                tiled);
-  return {d_a_r, d_b_r, cast(d_a_c), d_b_c_out};
+  if (add) {
+    global_grads[2].add_(d_a_c);  // summed in the accumulation dtype, rounded once
+    return {d_b_r, d_b_c_out};
+  }
+  return {d_a, d_b_r, cast(d_a_c), d_b_c_out};
 }
 
 // Jobs (logit matrices computed by GEMM) per branch: one square, two otherwise.
@@ -617,12 +644,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce
   const at::Tensor g_ce = ready(grad_ce), g_nll = ready(grad_nll), l = ready(nll);
   at::Tensor dscale = at::zeros({}, in.global.a_r.options().dtype(in.acc));
   auto two = [](const at::Tensor& t, int64_t first) { return t.narrow(0, first, 2); };
+  std::vector<at::Tensor> none;
   auto g = branch_backward(device, in.global, s, label_offset, label_smoothing, two(l, 0),
                            two(g_ce, 0), two(g_nll, 0), dscale, strip, kept_part(per_branch, 0),
-                           tiled, recompute);
+                           tiled, recompute, none);
+  // The component branch last: where it shares a, it adds into g's gradients of a.
   auto c = branch_backward(device, in.comp, s, label_offset, label_smoothing, two(l, 2),
                            two(g_ce, 2), two(g_nll, 2), dscale, strip, kept_part(per_branch, 1),
-                           tiled, recompute);
+                           tiled, recompute, g);
   return {g, c, dscale};
 }
 

@@ -93,6 +93,10 @@ struct Device {
 // (HiDe's factorised form: cimg = [img·V_m, img·ū], comp = [X̂·V_m, 1]). Row i's label is
 // column i + label_offset. The accumulation dtype is the scale's (the caller's rule:
 // himo_fast.pca.compute_dtype); inputs may be narrower where the device accepts it.
+// comp_branch may also be given by its b side alone, [b_r] (square) or [b_r, b_c], when
+// its a side is the global branch's (HiDe's materialized u': the image is both branches'
+// a); the backward then adds that side's gradient into the global branch's, in place,
+// instead of returning a second gradient of the same tensor for autograd to sum.
 // Returns (ce, nll, logits); ce and nll [4, B] (global a→b, b→a, component a→b, b→a):
 // the label-smoothed cross entropy of each row and the plain one, lse - label logit
 // (saved for the backward). logits: with keep_logits, the unscaled dot products of every
@@ -114,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_ce(
     const at::Tensor& scale, int64_t label_offset, double label_smoothing, bool keep_logits,
     int64_t strip_rows, c10::string_view route, c10::string_view col_grad);
 
-// Gradients of each branch's tensors (same order, same count) and of the scale.
+// Gradients of each branch's tensors (same order, same count) and of the scale; a comp
+// branch given by its b side gets b's, its a's being summed into the global branch's.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dual_ce_backward(
     const Device& device, const at::Tensor& grad_ce, const at::Tensor& grad_nll,
     const at::Tensor& nll, const at::Tensor& logits, at::TensorList global_branch,

@@ -60,9 +60,15 @@ def dual_infonce(rows, cols, scale, label_offset: int = 0, label_smoothing: floa
     from ``graphs`` (a graphs.GraphCache) where given."""
     acc = compute_dtype(rows[0][0].dtype)
     kernel_dtype = kernel_dtype or acc
-    ready = lambda pair: [t.to(kernel_dtype).contiguous() for t in pair]
-    branches = [ready(r) + ([] if cols is None else ready(c))
-                for r, c in zip(rows, cols if cols is not None else rows)]
+    ready = lambda ts: [t.to(kernel_dtype).contiguous() for t in ts]
+    # Each branch as [a_r, b_r] or [a_r, b_r, a_c, b_c].
+    glob, comp = (tuple(rows[i]) + (() if cols is None else tuple(cols[i])) for i in (0, 1))
+    if all(c is g for c, g in zip(comp[0::2], glob[0::2])):
+        # The image is both branches' a (HiDe's materialized u'): the component branch by
+        # its b side, so the op adds the image's two gradients in place (one N x d
+        # gradient less alive at the backward than two for autograd to sum).
+        comp = comp[1::2]
+    branches = [ready(glob), ready(comp)]
     s = scale.reshape(()).to(acc)
     if fused:
         stage = FusedDualCE(len(branches[0]), label_offset, float(label_smoothing))

@@ -7,7 +7,9 @@ while torch.compile traces.
   strip_rows, route, col_grad) -> (ce, nll, logits)``: the fused dual InfoNCE (csrc/dual_infonce.h),
   by GEMM strips of logits (route "strips") or fused tiles ("tiles": tensor-core tiles on
   CUDA for bf16/fp16, their CPU twin on CPU, no logits in memory). Each
-  branch is [a_r, b_r] (square) or [a_r, b_r, a_c, b_c]; ce and nll are [4, B] in the
+  branch is [a_r, b_r] (square) or [a_r, b_r, a_c, b_c]; comp_branch may be its b side
+  alone ([b_r] or [b_r, b_c]) when its a side is the global branch's: the backward then adds
+  that gradient into the global branch's and returns b's only. ce and nll are [4, B] in the
   scale's dtype (the accumulation dtype: the caller's rule, pca.compute_dtype); logits
   are the forward's dot products when ``keep_logits`` (the backward then skips their
   recompute), else empty. The backward forms g·(softmax - y) per logit from the saved
@@ -17,7 +19,8 @@ while torch.compile traces.
 - ``sym_eigh(a, algorithm) -> (eigenvalues ascending, eigenvectors, info)``: the symmetric
   eigendecomposition without a host read of the solver's status (cuSOLVER on CUDA).
 - ``fused_dual_ce(global_branch, comp_branch, scale, label_offset, label_smoothing) ->
-  (ce, nll)``: dual_ce's contract in fused Triton tiles (himo_fast.kernels.infonce), no
+  (ce, nll)``: dual_ce's contract (the short comp_branch included) in fused Triton tiles
+  (himo_fast.kernels.infonce), no
   logits in memory. Defined here in Python (CUDA tensors, or CPU ones under
   TRITON_INTERPRET=1), whether or not the C++ extension is built.
 

@@ -176,9 +176,9 @@ def _tile_weight(p_ptr, q_ptr, s, side_p_ptr, side_q_ptr, rm, rn, row_ok, col_ok
 @triton.jit
 def _ce_grad_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, dp_ptr, ds_ptr,
                     P, Q, K, shift, d0, HAS_P: tl.constexpr, HAS_Q: tl.constexpr,
-                    NEED_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    NEED_DS: tl.constexpr, ADD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rd = d0 + tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rm < P
@@ -198,8 +198,11 @@ def _ce_grad_kernel(p_ptr, q_ptr, scale_ptr, side_p_ptr, side_q_ptr, dp_ptr, ds_
         # Like the strip driver (and flash-attention): the weights go back to the inputs'
         # precision for the tensor cores; the accumulation stays in fp32.
         acc = _dot(w.to(qd.dtype), qd, acc, PRECISION, UPCAST)
-    tl.store(dp_ptr + rm[:, None] * K + rd[None, :], (acc * s).to(dp_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (rd[None, :] < K))
+    out_ok = row_ok[:, None] & (rd[None, :] < K)
+    dp = acc * s
+    if ADD:  # dP's tile summed with what is there (the other branch's), rounded once
+        dp += tl.load(dp_ptr + rm[:, None] * K + rd[None, :], mask=out_ok, other=0.0).to(s.dtype)
+    tl.store(dp_ptr + rm[:, None] * K + rd[None, :], dp.to(dp_ptr.dtype.element_ty), mask=out_ok)
     if NEED_DS:
         if tl.program_id(1) == 0:
             tl.store(ds_ptr + rm, ds, mask=row_ok)
@@ -293,17 +296,19 @@ def d_chunks(K: int, block_d_max: int):
     return plan
 
 
-def ce_grad(p, q, s, side_p, side_q, shift, need_ds):
+def ce_grad(p, q, s, side_p, side_q, shift, need_ds, into=None):
     """(dP = s·W·Q in p's dtype, ds[i] = Σ_j W_ij p_i·q_j or None) of the logits s·p·qᵀ,
-    W from the statistics side_p (per row of p) and/or side_q (per row of q), [5, len]."""
+    W from the statistics side_p (per row of p) and/or side_q (per row of q), [5, len].
+    ``into``: a gradient of p to add dP to, in place (then returned as dP)."""
     P, K = p.shape
-    dp = torch.empty_like(p)
+    dp = into if into is not None else torch.empty_like(p)
     ds = torch.empty(P if need_ds else 1, device=p.device, dtype=s.dtype)
     for i, (d0, block_d, chunks) in enumerate(d_chunks(K, BLOCK_D_MAX)):
         _ce_grad_kernel[(triton.cdiv(P, BWD_BLOCKS["BLOCK_M"]), chunks)](
             p, q, s, side_p if side_p is not None else s, side_q if side_q is not None else s,
             dp, ds, P, q.shape[0], K, shift, d0, HAS_P=side_p is not None,
-            HAS_Q=side_q is not None, NEED_DS=need_ds and i == 0, BLOCK_D=block_d,
+            HAS_Q=side_q is not None, NEED_DS=need_ds and i == 0, ADD=into is not None,
+            BLOCK_D=block_d,
             PRECISION=dot_precision(p), UPCAST=interpreted_bf16(p), **BWD_BLOCKS)
     return dp, (ds if need_ds else None)
 
@@ -328,11 +333,12 @@ def _addmm_acc_(acc, a, b):
     return acc.addmm_(a, b)
 
 
-def strips_backward(p, q, s, side_p, side_q, shift):
+def strips_backward(p, q, s, side_p, side_q, shift, p_into=None, q_into=None):
     """(dP, dQ, ds) of the logits s·p·qᵀ, with W written in bounded strips of rows (the
     inputs' dtype, STRIP_ELEMENTS at most) and both products by cuBLAS: one recompute of
     the tiles instead of one per dP chunk and side (ce_grad), for 6 bytes of traffic per
-    logit. side_p: the rows' statistics (always), side_q: the columns' (square case) or None."""
+    logit. side_p: the rows' statistics (always), side_q: the columns' (square case) or None.
+    ``p_into``/``q_into``: gradients of p/q to add dP/dQ to, in place (then returned)."""
     P, K = p.shape
     Q = q.shape[0]
     b = WEIGHT_BLOCKS
@@ -340,7 +346,7 @@ def strips_backward(p, q, s, side_p, side_q, shift):
     tiles = triton.cdiv(Q, b["BLOCK_N"])
     w = torch.empty(min(step, P), Q, device=p.device, dtype=p.dtype)
     dsp = torch.empty(min(step, P), tiles, device=p.device, dtype=s.dtype)
-    dp = torch.empty_like(p)
+    dp = p_into if p_into is not None else torch.empty_like(p)
     dq = torch.zeros(Q, K, device=p.device, dtype=s.dtype)
     ds = torch.zeros((), device=p.device, dtype=s.dtype)
     for r0 in range(0, P, step):
@@ -349,10 +355,16 @@ def strips_backward(p, q, s, side_p, side_q, shift):
             p, q, s, side_p, side_q if side_q is not None else s, w, dsp, P, Q, K, shift, r0,
             r0 + rows, HAS_Q=side_q is not None, PRECISION=dot_precision(p),
             UPCAST=interpreted_bf16(p), **b)
-        dp[r0:r0 + rows] = _mm_acc(w[:rows], q) * s
+        if p_into is not None:  # summed in the accumulation dtype, rounded once
+            dp[r0:r0 + rows] += _mm_acc(w[:rows], q) * s
+        else:
+            dp[r0:r0 + rows] = _mm_acc(w[:rows], q) * s
         _addmm_acc_(dq, w[:rows].T, p[r0:r0 + rows])
         ds += dsp[:rows].sum()
-    return dp, dq.mul_(s).to(q.dtype), ds
+    dq.mul_(s)
+    if q_into is not None:
+        return dp, q_into.add_(dq), ds
+    return dp, dq.to(q.dtype), ds
 
 
 def use_strips(K: int) -> bool:
@@ -373,13 +385,18 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
         raise ValueError(f"scale must be a one-element tensor, got {scale!r}")
     if scale.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"scale (the accumulation dtype) must be float32 or float64, got {scale.dtype}")
-    a = global_branch[0] if len(global_branch) else None
+    if len(global_branch) not in (2, 4):
+        raise ValueError(f"global_branch must be [a_r, b_r] (square) or [a_r, b_r, a_c, b_c], "
+                         f"got {len(global_branch)} tensors")
+    if len(comp_branch) not in (len(global_branch), len(global_branch) // 2):
+        forms = ("[a_r, b_r] or [b_r] (the global branch is square)" if len(global_branch) == 2
+                 else "[a_r, b_r, a_c, b_c] or [b_r, b_c] (the global branch has columns)")
+        raise ValueError(f"comp_branch must be {forms}, got {len(comp_branch)} tensors")
+    comp_branch, _ = _comp_in_full(global_branch, comp_branch)
+    a = global_branch[0]
     allowed = (torch.float64,) if scale.dtype == torch.float64 else (
         torch.float32, torch.bfloat16, torch.float16)
     for name, branch in (("global_branch", global_branch), ("comp_branch", comp_branch)):
-        if len(branch) not in (2, 4):
-            raise ValueError(f"{name} must be [a_r, b_r] (square) or [a_r, b_r, a_c, b_c], "
-                             f"got {len(branch)} tensors")
         for t in branch:
             if t.dim() != 2 or t.shape[1] != branch[0].shape[1]:
                 raise ValueError(f"{name}: tensors must be 2-D of one width, got "
@@ -389,8 +406,6 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
                                 f"{scale.dtype} scale, got {t.dtype}")
             if t.device != scale.device:
                 raise ValueError(f"{name}: features on {t.device} but the scale on {scale.device}")
-    if len(global_branch) != len(comp_branch):
-        raise ValueError("both branches must be square or both have columns")
     B = a.shape[0]
     N = B if len(global_branch) == 2 else global_branch[2].shape[0]
     for branch in (global_branch, comp_branch):
@@ -404,6 +419,16 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
     if not 0 <= label_offset <= N - B:
         raise ValueError(f"label_offset must be in [0, {N - B}] for {B} rows and {N} "
                          f"columns, got {label_offset}")
+
+
+def _comp_in_full(global_branch, comp_branch):
+    """(the component branch as [a_r, b_r(, a_c, b_c)], whether its a side is the global
+    branch's): given by its b side alone ([b_r] or [b_r, b_c], half the global branch's
+    tensors), it shares the global a_r (and a_c), and its gradient goes into theirs."""
+    if 2 * len(comp_branch) != len(global_branch):
+        return list(comp_branch), False
+    a_sides = list(global_branch[0::2])  # a_r (, a_c)
+    return [t for pair in zip(a_sides, comp_branch) for t in pair], True
 
 
 def _columns(branch):
@@ -452,6 +477,7 @@ def dual_ce(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0
     """(ce, nll), each [4, B] in the scale's dtype: csrc/dual_infonce.h's dual_ce."""
     _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
     s = scale.reshape(1).contiguous()
+    comp_branch, _ = _comp_in_full(global_branch, comp_branch)
     parts = [d for t in (global_branch, comp_branch)
              for d in _branch_forward(list(t), s, label_offset, label_smoothing)]
     return torch.stack([ce for ce, _ in parts]), torch.stack([nll for _, nll in parts])
@@ -466,40 +492,50 @@ def _side(rows, cols, s, offset, eps, nll, g_ce, g_nll):
     return torch.stack([nll, ref, g_ce + g_nll, g_ce * y_off, g_ce * y_on + g_nll]).contiguous()
 
 
-def _branch_backward(t, s, offset, eps, nll, g_ce, g_nll):
-    """Gradients of the branch's tensors (its order) and its part of the scale's."""
+def _branch_backward(t, s, offset, eps, nll, g_ce, g_nll, into=None):
+    """Gradients of the branch's tensors (its order) and its part of the scale's. ``into``:
+    the global branch's gradients when this branch shares its a side: a's gradient is
+    added to theirs, in place, and only b's are returned."""
     square = len(t) == 2
     a_r, b_r, a_c, b_c = _columns(t)
+    into_r = into[0] if into is not None else None  # the gradients of a_r and (columns) a_c
+    into_c = into[2] if into is not None and not square else None
     ab = _side(a_r, b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0])
     ba = _side(b_r, a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1])
     if use_strips(a_r.shape[1]):
         if square:
-            d_a, d_b, ds = strips_backward(a_r, b_r, s, ab, ba, 0)
-            return [d_a, d_b], ds
-        d_a_r, d_b_c, ds_ab = strips_backward(a_r, b_c, s, ab, None, offset)
-        d_b_r, d_a_c, ds_ba = strips_backward(b_r, a_c, s, ba, None, offset)
-        return [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab + ds_ba
-    if square:
+            d_a, d_b, ds = strips_backward(a_r, b_r, s, ab, ba, 0, p_into=into_r)
+            grads = [d_a, d_b]
+        else:
+            d_a_r, d_b_c, ds_ab = strips_backward(a_r, b_c, s, ab, None, offset, p_into=into_r)
+            d_b_r, d_a_c, ds_ba = strips_backward(b_r, a_c, s, ba, None, offset, q_into=into_c)
+            grads, ds = [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab + ds_ba
+    elif square:
         # One matrix s·a·bᵀ: its rows are direction ab, its columns direction ba.
-        d_a, ds = ce_grad(a_r, b_r, s, ab, ba, 0, True)
+        d_a, ds = ce_grad(a_r, b_r, s, ab, ba, 0, True, into=into_r)
         d_b, _ = ce_grad(b_r, a_r, s, ba, ab, 0, False)
-        return [d_a, d_b], ds.sum()
-    d_a_r, ds_ab = ce_grad(a_r, b_c, s, ab, None, offset, True)
-    d_b_c, _ = ce_grad(b_c, a_r, s, None, ab, -offset, False)
-    d_b_r, ds_ba = ce_grad(b_r, a_c, s, ba, None, offset, True)
-    d_a_c, _ = ce_grad(a_c, b_r, s, None, ba, -offset, False)
-    return [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab.sum() + ds_ba.sum()
+        grads, ds = [d_a, d_b], ds.sum()
+    else:
+        d_a_r, ds_ab = ce_grad(a_r, b_c, s, ab, None, offset, True, into=into_r)
+        d_b_c, _ = ce_grad(b_c, a_r, s, None, ab, -offset, False)
+        d_b_r, ds_ba = ce_grad(b_r, a_c, s, ba, None, offset, True)
+        d_a_c, _ = ce_grad(a_c, b_r, s, None, ba, -offset, False, into=into_c)
+        grads, ds = [d_a_r, d_b_r, d_a_c, d_b_c], ds_ab.sum() + ds_ba.sum()
+    return (grads[1::2] if into is not None else grads), ds
 
 
 def dual_ce_backward(grad_ce, grad_nll, nll, global_branch, comp_branch, scale,
                      label_offset=0, label_smoothing=0.0):
-    """Gradients of each branch's tensors (same order) and of the scale (0-d)."""
+    """Gradients of each branch's tensors (same order) and of the scale (0-d); a comp
+    branch given by its b side gets b's, its a's summed into the global branch's."""
     _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
     s = scale.reshape(1).contiguous()
     ready = lambda g: g.to(s.dtype).contiguous()
     g_ce, g_nll, nll = ready(grad_ce), ready(grad_nll), ready(nll)
     d_global, ds_g = _branch_backward(list(global_branch), s, label_offset, label_smoothing,
                                       nll[0:2], g_ce[0:2], g_nll[0:2])
-    d_comp, ds_c = _branch_backward(list(comp_branch), s, label_offset, label_smoothing,
-                                    nll[2:4], g_ce[2:4], g_nll[2:4])
+    # The component branch last: where it shares a, it adds into d_global's gradients of a.
+    comp_branch, shares_a = _comp_in_full(global_branch, comp_branch)
+    d_comp, ds_c = _branch_backward(comp_branch, s, label_offset, label_smoothing, nll[2:4],
+                                    g_ce[2:4], g_nll[2:4], d_global if shares_a else None)
     return d_global, d_comp, ds_g + ds_c

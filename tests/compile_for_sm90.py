@@ -83,8 +83,10 @@ def wrappers():
     from kernels import infonce  # the fused dual InfoNCE, square and rectangular
 
     def forward_backward(branch, s):
-        ce, nll = infonce.dual_ce(branch, branch, s, 0, 0.1)
-        infonce.dual_ce_backward(ce, nll, nll, branch, branch, s, 0, 0.1)
+        # the component branch in full, and by its b side (its gradient added in place)
+        for comp in (branch, branch[1::2]):
+            ce, nll = infonce.dual_ce(branch, comp, s, 0, 0.1)
+            infonce.dual_ce_backward(ce, nll, nll, branch, comp, s, 0, 0.1)
 
     for dtype, route in itertools.product(
             (torch.float32, torch.float64, torch.bfloat16, torch.float16), ("recompute", "strips")):

@@ -110,6 +110,163 @@ def test_tiles_equal_strips_in_float64(square):
         assert torch.allclose(a, b, rtol=1e-11, atol=1e-13), (a - b).abs().max()
 
 
+# The component branch by its b side ([b_r] or [b_r, b_c]): its a side is the global
+# branch's, as when HiDe's u' is materialized and the image is both branches' a.
+
+def _op_forms(B, N, d, dtype, device, square):
+    """(global branch, component branch in full, the same by its b side, label offset):
+    image, text and a component side, detached."""
+    rows, cols = _inputs(B, N, d, dtype, device, square)
+    f = [t.detach() for t in rows] + ([] if square else [t.detach() for t in cols])
+    glob = f[0:2] if square else [f[0], f[1], f[4], f[5]]
+    full = [f[0], f[3]] if square else [f[0], f[3], f[4], f[7]]
+    return glob, full, full[1::2], 0 if square else (N - B) // 2
+
+
+def compare_op_forms(forward, backward, B, N, d, dtype, device, square, tol):
+    """The op on the short form against the full one: the same values, b's gradients, and
+    the image's gradient returned once in the global branch's, the sum of the full form's
+    two (which autograd sums) to ``tol`` (rounding: the short form rounds the sum once)."""
+    torch.manual_seed(5)
+    glob, full, short, offset = _op_forms(B, N, d, dtype, device, square)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(7.0, dtype=acc, device=device)
+    ce, nll, extra = forward(glob, full, scale, offset)
+    ce_s, nll_s, extra_s = forward(glob, short, scale, offset)
+    assert torch.equal(ce, ce_s) and torch.equal(nll, nll_s)
+    g_ce, g_nll = torch.rand_like(ce), torch.rand_like(nll)
+    d_glob, d_full, ds = backward(g_ce, g_nll, nll, extra, glob, full, scale, offset)
+    d_glob_s, d_short, ds_s = backward(g_ce, g_nll, nll, extra_s, glob, short, scale, offset)
+    assert len(d_glob_s) == len(glob) and len(d_short) == len(short)
+    want = [g.double() for g in d_glob]
+    for i in range(0, len(glob), 2):  # a_r (and a_c): both branches' terms
+        want[i] = want[i] + d_full[i].double()
+    got = [*d_glob_s, *d_short, ds_s]
+    for i, (a, b) in enumerate(zip(got, [*want, *d_full[1::2], ds])):
+        assert a.dtype == glob[0].dtype or i == len(got) - 1
+        assert rel(a.double().cpu(), b.double().cpu()) <= tol, (i, a, b)
+    return d_glob_s[0]
+
+
+def _compiled_op(keep=False, strip=5, route="strips", col_grad="auto"):
+    """(forward, backward) of himo_fast::dual_ce as compare_op_forms calls them."""
+    eps = 0.1
+
+    def forward(glob, comp, scale, offset):
+        return torch.ops.himo_fast.dual_ce(glob, comp, scale, offset, eps, keep, strip, route,
+                                           col_grad)
+
+    def backward(g_ce, g_nll, nll, logits, glob, comp, scale, offset):
+        return torch.ops.himo_fast.dual_ce_backward(g_ce, g_nll, nll, logits, glob, comp, scale,
+                                                    offset, eps, strip, route, col_grad)
+    return forward, backward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("square,route,col_grad,keep", [
+    (square, route, col_grad, keep) for square in (True, False) for route in ("strips", "tiles")
+    for col_grad in ("accumulate", "recompute") for keep in (False, True)
+    if (square or col_grad == "accumulate") and not (keep and route == "tiles")])
+def test_comp_branch_by_its_b_side_sums_the_image_gradient_in_place(dtype, square, route,
+                                                                    col_grad, keep):
+    # Every path of the backward that writes the image's gradient: rows (overwritten, then
+    # added to), recomputed columns, rectangular columns (an fp32 accumulator added once).
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    compare_op_forms(*_compiled_op(keep, 5, route, col_grad), 23, 23 if square else 61, 17,
+                     dtype, "cpu", square, tol)
+
+
+@pytest.mark.parametrize("route", ["strips", "tiles"])
+def test_cuda_comp_branch_by_its_b_side_sums_the_image_gradient_in_place(cuda, route):
+    for square in (True, False):
+        compare_op_forms(*_compiled_op(strip=64, route=route), 257, 257 if square else 771, 96,
+                         torch.bfloat16, cuda, square, 1e-2)
+        compare_op_forms(*_compiled_op(strip=64), 257, 257 if square else 771, 96,
+                         torch.float32, cuda, square, 1e-6)
+
+
+def test_comp_branch_by_its_b_side_opcheck_and_gradcheck():
+    for square in (True, False):
+        rows, cols = _inputs(7, 19, 6, torch.float64, square=square)
+        scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        img, txt, _, comp = rows
+        glob = [img, txt] if square else [img, txt, cols[0], cols[1]]
+        short = [comp] if square else [comp, cols[3]]
+        offset = 0 if square else 5
+        for keep in (False, True):
+            torch.library.opcheck(torch.ops.himo_fast.dual_ce.default,
+                                  (glob, short, scale, offset, 0.1, keep, 3))
+        n = len(glob)
+        op = lambda *a: dual_ce(list(a[:n]), list(a[n:-1]), a[-1], offset, 0.1, False, 3)
+        assert torch.autograd.gradcheck(op, (*glob, *short, scale))
+
+
+def _image_shared_by_both_branches(fn, device, dtype, square, tol):
+    """``fn`` (a dual_infonce) on ((img, txt), (img, comp)) with the very same img tensor,
+    against the float64 reference on the same structure: the image's gradient holds both
+    branches' terms, whichever form the stage gives its op."""
+    B, N, d = 29, 29 if square else 70, 19
+    rows, cols = _inputs(B, N, d, dtype, device, square)
+    leaves = lambda f: f[:2] + f[3:4] + ([] if square else f[4:6] + f[7:8])
+    def run(f, s, fn):
+        pairs_ = lambda a, b, c: ((a, b), (a, c))
+        r = pairs_(f[0], f[1], f[3])
+        c = None if square else pairs_(f[4], f[5], f[7])
+        for t in leaves(f) + [s]:
+            t.grad = None
+        g, cl = fn(r, c, s, 0 if square else 20, 0.1)
+        (g + 0.6 * cl).backward()
+        return [g.detach(), cl.detach()] + [t.grad for t in leaves(f) + [s]]
+    f = rows + ([] if square else cols)
+    scale = torch.tensor(9.0, dtype=torch.float32 if dtype != torch.float64 else dtype,
+                         device=device, requires_grad=True)
+    f64 = [t.detach().double().cpu().requires_grad_() for t in f]
+    ours = run(f, scale, fn)
+    ref = run(f64, scale.detach().double().cpu().requires_grad_(), dual_infonce_reference)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        err = loss_rel(a.cpu(), b) if i < 2 else rel(a.cpu(), b)
+        assert err <= tol, (i, err)
+
+
+def compiled_shared_image_equals_eager(fn, device):
+    """torch.compile(fullgraph) of ``fn`` (a dual_infonce) with the image as both branches'
+    a, rows against columns: Dynamo keeps the stage's identity test, and the op's short
+    form traces through its fake kernel and autograd."""
+    rows, cols = _inputs(10, 30, 8, torch.float64, device, square=False)
+    scale = torch.tensor(7.0, dtype=torch.float64, device=device, requires_grad=True)
+    leaves = [rows[0], rows[1], rows[3], cols[0], cols[1], cols[3], scale]
+    loss = lambda v, u, c, vc, uc, cc, s: sum(fn(((v, u), (v, c)), ((vc, uc), (vc, cc)), s, 10, 0.1))
+    compiled = torch.compile(loss, fullgraph=True)
+
+    def step(f):
+        for t in leaves:
+            t.grad = None
+        out = f(*leaves)
+        out.backward()
+        return [out.detach()] + [t.grad.clone() for t in leaves]
+
+    for a, b in zip(step(compiled), step(loss)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_image_under_torch_compile_fullgraph():
+    compiled_shared_image_equals_eager(dual_infonce, "cpu")
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
+def test_stage_gives_a_shared_image_once(square, monkeypatch):
+    # dual_infonce passes the component branch by its b side when its a is the global
+    # branch's very tensor, and in full otherwise; the gradients match the reference.
+    import himo_fast.dual_infonce as stage
+    sizes = []
+    real = stage.dual_ce
+    monkeypatch.setattr(stage, "dual_ce", lambda g, c, *a: sizes.append(len(c)) or real(g, c, *a))
+    _image_shared_by_both_branches(dual_infonce, "cpu", torch.float64, square, TOL[torch.float64])
+    _image_shared_by_both_branches(dual_infonce, "cpu", torch.float32, square, TOL[torch.float32])
+    _compare(7, 7 if square else 21, 5, torch.float64, "cpu", square, 0.1)  # cimg is not img
+    assert sizes == [1, 1, 2] if square else sizes == [2, 2, 4]
+
+
 @pytest.mark.parametrize("route,strip,keep", [("strips", 7, False), ("strips", 7, True),
                                                ("strips", 0, False), ("tiles", 40, False)])
 def test_recomputed_columns_equal_accumulated_in_float64(route, strip, keep):
@@ -334,8 +491,11 @@ def test_cuda_tiles_column_partials_bounded_by_a_strip(cuda):
 def _one_pair_has_exactly_zero_gradient(device, fn=dual_infonce):
     # One pair: softmax = target = 1, so the exact gradient is 0. Formed as s·P·b - s·b
     # it would be rounding noise of size ulp(s); the kernel forms g·(P - y) per logit.
+    # Every other pair of trials, the image is both branches' a (the op's short form).
     for trial in range(20):
         rows, _ = _inputs(1, 1, 5, torch.float32, device)
+        if trial // 2 % 2:
+            rows[2] = rows[0]
         scale = torch.tensor(13.0, device=device, requires_grad=True)
         g, c = fn(_pairs(rows), None, scale, 0, 0.1 * (trial % 2))
         (g + 0.6 * c).backward()
@@ -449,7 +609,14 @@ def test_op_rejects_bad_input():
         (op([rows[0].t(), *rows[1:]], cols, s), ValueError, "feature dim|contiguous"),
         (op([torch.randn(4, 12)[:, ::2], *rows[1:]], cols, s), ValueError, "contiguous"),
         ([rows[:2] + cols[:1], rows[2:] + cols[2:], s], ValueError, r"\[a_r, b_r\] \(square\) or"),
-        ([rows[:2] + cols[:2], rows[2:], s], ValueError, "both branches must be square"),
+        ([rows[:2], rows[2:] + cols[2:], s], ValueError,
+         r"comp_branch must be \[a_r, b_r\] or \[b_r\] \(the global branch is square\), got 4"),
+        ([rows[:2] + cols[:2], rows[3:], s], ValueError,
+         r"comp_branch must be \[a_r, b_r, a_c, b_c\] or \[b_r, b_c\].*got 1"),
+        # the b side alone: of the global a's width, rows and columns
+        ([rows[:2] + cols[:2], [rows[3], cols[3]], s], ValueError,
+         "comp_branch has feature dim 3 but global a_r has 6"),
+        ([rows[:2], [rows[1][:3]], s], ValueError, "row tensors must have 4 rows"),
         (op(rows, cols, torch.ones(2)), ValueError, "scale"),
         (op(rows, [c[:3] for c in cols], s), ValueError, "columns"),
         (op(rows, cols, s, 5), ValueError, "label_offset must be in \\[0, 4\\].*got 5"),

@@ -9,7 +9,9 @@ from himo_fast import backends, ops  # noqa: E402
 from himo_fast.reference import dual_infonce_reference as reference_dual_infonce  # noqa: E402
 from himo_fast.kernels import infonce  # noqa: E402
 from conftest import run_fresh, assert_ran  # noqa: E402
-from test_dual_infonce import _branches, _compare, _inputs, _one_pair_has_exactly_zero_gradient  # noqa: E402,E501
+from test_dual_infonce import (_branches, _compare, _image_shared_by_both_branches, _inputs,  # noqa: E402,E501
+                               _one_pair_has_exactly_zero_gradient, compare_op_forms,
+                               compiled_shared_image_equals_eager)
 
 
 def _fused(device):
@@ -74,6 +76,49 @@ def test_gradcheck_float64(triton_device, route, monkeypatch):
     assert torch.autograd.gradcheck(op, (*rows, scale), fast_mode=True)
 
 
+def _fused_op(eps=0.1):
+    """(forward, backward) of the Triton driver as compare_op_forms calls them."""
+    def forward(glob, comp, scale, offset):
+        return (*infonce.dual_ce(glob, comp, scale, offset, eps), None)
+
+    def backward(g_ce, g_nll, nll, _, glob, comp, scale, offset):
+        return infonce.dual_ce_backward(g_ce, g_nll, nll, glob, comp, scale, offset, eps)
+    return forward, backward
+
+
+@pytest.mark.parametrize("route", ["recompute", "strips"])
+@pytest.mark.parametrize("square", [True, False], ids=["square", "rectangular"])
+def test_comp_branch_by_its_b_side_sums_the_image_gradient_in_place(triton_device, route,
+                                                                    square, monkeypatch):
+    # Both backward routes add into the global branch's gradients (ce_grad's ADD tiles,
+    # strips_backward's p_into/q_into), over two strips of rows and several d chunks.
+    monkeypatch.setattr(infonce, "BACKWARD", route)
+    monkeypatch.setattr(infonce, "STRIP_ELEMENTS", 1)
+    monkeypatch.setattr(infonce, "BLOCK_D_MAX", 16)
+    cases = [(torch.float64, 1e-13), (torch.float32, 1e-6)]
+    if triton_device != "cpu":
+        cases += [(torch.bfloat16, 1e-2), (torch.float16, 1e-2)]
+    for dtype, tol in cases:
+        compare_op_forms(*_fused_op(), 66, 66 if square else 131, 37, dtype, triton_device,
+                         square, tol)
+
+
+def test_stage_gives_a_shared_image_once(triton_device, monkeypatch):
+    # The triton backend's stage passes a shared image once; the gradients match the
+    # reference, and the op's own opcheck holds on the short form.
+    sizes = []
+    real = infonce.dual_ce
+    monkeypatch.setattr(infonce, "dual_ce", lambda g, c, *a: sizes.append(len(c)) or real(g, c, *a))
+    for square in (True, False):
+        _image_shared_by_both_branches(_fused(triton_device), triton_device, torch.float64,
+                                       square, 1e-8)
+    assert sizes == [1, 2]
+    rows, cols = _inputs(9, 27, 11, torch.float64, triton_device, square=False)
+    scale = torch.tensor(8.0, dtype=torch.float64, device=triton_device, requires_grad=True)
+    glob, short = [rows[0], rows[1], cols[0], cols[1]], [rows[3], cols[3]]
+    torch.library.opcheck(ops.fused_dual_ce, (glob, short, scale, 7, 0.1))
+
+
 def test_label_logit_is_the_callers_dot_product(triton_device):
     # The forward takes each row's label logit from ref, not from its tile: with a ref
     # shifted by +3 the nll of that row moves as the log-sum-exp with that logit changed.
@@ -103,8 +148,12 @@ def test_bad_input_is_refused_before_any_work(triton_device):
         infonce.dual_ce(g, c, s.half(), 0, 0.0)
     with pytest.raises(TypeError, match="features must be"):
         infonce.dual_ce([g[0].double(), g[1].double()], c, s, 0, 0.0)
-    with pytest.raises(ValueError, match="square or"):
+    with pytest.raises(ValueError, match=r"comp_branch must be \[a_r, b_r\] or \[b_r\]"):
         infonce.dual_ce(g, c + c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="global_branch must be"):
+        infonce.dual_ce(g[:1], c, s, 0, 0.0)
+    with pytest.raises(ValueError, match="one width"):  # the b side alone, of the a's width
+        infonce.dual_ce(g, [g[1][:, :3].contiguous()], s, 0, 0.0)
     with pytest.raises(ValueError, match="one width"):
         infonce.dual_ce([g[0], g[1][:, :3]], c, s, 0, 0.0)
     with pytest.raises(ValueError, match="rows"):
@@ -191,6 +240,7 @@ def test_torch_compile_fullgraph_equals_eager(triton_device):
 
     for a, b in zip(step(compiled), step(loss)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    compiled_shared_image_equals_eager(fn, triton_device)  # the short form
 
 
 def test_fp32_dot_precision_follows_torch_matmul_setting(triton_device):
