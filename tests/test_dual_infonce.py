@@ -228,14 +228,9 @@ def _image_shared_by_both_branches(fn, device, dtype, square, tol):
         assert err <= tol, (i, err)
 
 
-def compiled_shared_image_equals_eager(fn, device):
-    """torch.compile(fullgraph) of ``fn`` (a dual_infonce) with the image as both branches'
-    a, rows against columns: Dynamo keeps the stage's identity test, and the op's short
-    form traces through its fake kernel and autograd."""
-    rows, cols = _inputs(10, 30, 8, torch.float64, device, square=False)
-    scale = torch.tensor(7.0, dtype=torch.float64, device=device, requires_grad=True)
-    leaves = [rows[0], rows[1], rows[3], cols[0], cols[1], cols[3], scale]
-    loss = lambda v, u, c, vc, uc, cc, s: sum(fn(((v, u), (v, c)), ((vc, uc), (vc, cc)), s, 10, 0.1))
+def compiled_equals_eager(loss, leaves):
+    """torch.compile(fullgraph) of ``loss(*leaves)`` against eager, float64: the value and
+    every leaf's gradient (AOTAutograd compiles the backward)."""
     compiled = torch.compile(loss, fullgraph=True)
 
     def step(f):
@@ -247,6 +242,17 @@ def compiled_shared_image_equals_eager(fn, device):
 
     for a, b in zip(step(compiled), step(loss)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def compiled_shared_image_equals_eager(fn, device):
+    """compiled_equals_eager for ``fn`` (a dual_infonce) with the image as both branches'
+    a, rows against columns: Dynamo keeps the stage's identity test, and the op's short
+    form traces through its fake kernel and autograd."""
+    rows, cols = _inputs(10, 30, 8, torch.float64, device, square=False)
+    scale = torch.tensor(7.0, dtype=torch.float64, device=device, requires_grad=True)
+    compiled_equals_eager(
+        lambda v, u, c, vc, uc, cc, s: sum(fn(((v, u), (v, c)), ((vc, uc), (vc, cc)), s, 10, 0.1)),
+        [rows[0], rows[1], rows[3], cols[0], cols[1], cols[3], scale])
 
 
 def test_shared_image_under_torch_compile_fullgraph():

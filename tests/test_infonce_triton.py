@@ -11,7 +11,7 @@ from himo_fast.kernels import infonce  # noqa: E402
 from conftest import run_fresh, assert_ran  # noqa: E402
 from test_dual_infonce import (_branches, _compare, _image_shared_by_both_branches, _inputs,  # noqa: E402,E501
                                _one_pair_has_exactly_zero_gradient, compare_op_forms,
-                               compiled_shared_image_equals_eager)
+                               compiled_equals_eager, compiled_shared_image_equals_eager)
 
 
 def _fused(device):
@@ -226,20 +226,10 @@ def test_torch_compile_fullgraph_equals_eager(triton_device):
     # the backward through its registered autograd.
     rows, cols = _inputs(10, 30, 8, torch.float64, triton_device, square=False, d_comp=3)
     scale = torch.tensor(7.0, dtype=torch.float64, device=triton_device, requires_grad=True)
-    leaves = rows + cols + [scale]
     fn = _fused(triton_device)
-    loss = lambda *a: sum(fn(((a[0], a[1]), (a[2], a[3])), ((a[4], a[5]), (a[6], a[7])), a[8], 10, 0.1))
-    compiled = torch.compile(loss, fullgraph=True)
-
-    def step(f):
-        for t in leaves:
-            t.grad = None
-        out = f(*leaves)
-        out.backward()
-        return [out.detach()] + [t.grad.clone() for t in leaves]
-
-    for a, b in zip(step(compiled), step(loss)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    compiled_equals_eager(
+        lambda *a: sum(fn(((a[0], a[1]), (a[2], a[3])), ((a[4], a[5]), (a[6], a[7])), a[8], 10, 0.1)),
+        rows + cols + [scale])
     compiled_shared_image_equals_eager(fn, triton_device)  # the short form
 
 
