@@ -507,6 +507,7 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
   at::Tensor d_a = add ? global_grads[0] : at::empty({B, da}, row_opts);
   const Side ab = side(br.a_r, br.b_c, s, offset, eps, nll[0], g_ce[0], g_nll[0], strip);
   const Side ba = side(br.b_r, br.a_c, s, offset, eps, nll[1], g_ce[1], g_nll[1], strip);
+  std::vector<at::Tensor> grads;  // in the branch's order: a_r, b_r (, a_c, b_c)
   if (br.square && recompute_columns) {
     // W of s·a·bᵀ row by row for dA, then Wᵀ (the weights of s·b·aᵀ, the sides swapped,
     // the same two terms summed) row by row for dB; the scale's gradient counted once.
@@ -516,26 +517,27 @@ std::vector<at::Tensor> branch_backward(const Device& dev, const Branch& br, con
                  tiled, add);
     job_backward(dev, br.b_r, br.a_r, s, ba, ab, 0, d_b, at::Tensor(), at::Tensor(), strip,
                  kept.defined() ? kept.t() : kept, tiled);
-    return add ? std::vector<at::Tensor>{d_b} : std::vector<at::Tensor>{d_a, d_b};
-  }
-  if (br.square) {
+    grads = {d_a, d_b};
+  } else if (br.square) {
     at::Tensor d_b = at::zeros({B, da}, col_opts);
     job_backward(dev, br.a_r, br.b_r, s, ab, ba, 0, d_a, d_b, dscale, strip, job(0), tiled, add);
-    return add ? std::vector<at::Tensor>{cast(d_b)} : std::vector<at::Tensor>{d_a, cast(d_b)};
+    grads = {d_a, cast(d_b)};
+  } else {
+    at::Tensor d_b_c = at::zeros({N, da}, col_opts);
+    job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a, d_b_c, dscale, strip, job(0),
+                 tiled, add);
+    at::Tensor d_b_c_out = cast(d_b_c);
+    d_b_c = at::Tensor();  // one fp32 accumulator at a time
+    at::Tensor d_b_r = at::empty({B, da}, row_opts), d_a_c = at::zeros({N, da}, col_opts);
+    job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip,
+                 job(1), tiled);
+    // Shared: summed into the global a_c's gradient in the accumulation dtype, rounded once
+    grads = {d_a, d_b_r, add ? global_grads[2].add_(d_a_c) : cast(d_a_c), d_b_c_out};
   }
-  at::Tensor d_b_c = at::zeros({N, da}, col_opts);
-  job_backward(dev, br.a_r, br.b_c, s, ab, Side{}, offset, d_a, d_b_c, dscale, strip, job(0),
-               tiled, add);
-  at::Tensor d_b_c_out = cast(d_b_c);
-  d_b_c = at::Tensor();  // one fp32 accumulator at a time
-  at::Tensor d_b_r = at::empty({B, da}, row_opts), d_a_c = at::zeros({N, da}, col_opts);
-  job_backward(dev, br.b_r, br.a_c, s, ba, Side{}, offset, d_b_r, d_a_c, dscale, strip, job(1),
-               tiled);
-  if (add) {
-    global_grads[2].add_(d_a_c);  // summed in the accumulation dtype, rounded once
-    return {d_b_r, d_b_c_out};
-  }
-  return {d_a, d_b_r, cast(d_a_c), d_b_c_out};
+  if (!add) return grads;
+  std::vector<at::Tensor> b_side;  // a's gradients are the global branch's
+  for (size_t i = 1; i < grads.size(); i += 2) b_side.push_back(grads[i]);
+  return b_side;
 }
 
 // Jobs (logit matrices computed by GEMM) per branch: one square, two otherwise.

@@ -379,6 +379,8 @@ def use_strips(K: int) -> bool:
 # ---------------------------------------------------------------- the op's driver
 
 def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
+    """Refuses bad input before any work; returns _comp_in_full's (component branch in
+    full, whether it shares the global a side)."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
@@ -392,7 +394,7 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
         forms = ("[a_r, b_r] or [b_r] (the global branch is square)" if len(global_branch) == 2
                  else "[a_r, b_r, a_c, b_c] or [b_r, b_c] (the global branch has columns)")
         raise ValueError(f"comp_branch must be {forms}, got {len(comp_branch)} tensors")
-    comp_branch, _ = _comp_in_full(global_branch, comp_branch)
+    comp_branch, shares_a = _comp_in_full(global_branch, comp_branch)
     a = global_branch[0]
     allowed = (torch.float64,) if scale.dtype == torch.float64 else (
         torch.float32, torch.bfloat16, torch.float16)
@@ -419,6 +421,7 @@ def _check(global_branch, comp_branch, scale, label_offset, label_smoothing):
     if not 0 <= label_offset <= N - B:
         raise ValueError(f"label_offset must be in [0, {N - B}] for {B} rows and {N} "
                          f"columns, got {label_offset}")
+    return comp_branch, shares_a
 
 
 def _comp_in_full(global_branch, comp_branch):
@@ -475,9 +478,8 @@ def _branch_forward(t, s, offset, eps):
 
 def dual_ce(global_branch, comp_branch, scale, label_offset=0, label_smoothing=0.0):
     """(ce, nll), each [4, B] in the scale's dtype: csrc/dual_infonce.h's dual_ce."""
-    _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
+    comp_branch, _ = _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
     s = scale.reshape(1).contiguous()
-    comp_branch, _ = _comp_in_full(global_branch, comp_branch)
     parts = [d for t in (global_branch, comp_branch)
              for d in _branch_forward(list(t), s, label_offset, label_smoothing)]
     return torch.stack([ce for ce, _ in parts]), torch.stack([nll for _, nll in parts])
@@ -528,14 +530,14 @@ def dual_ce_backward(grad_ce, grad_nll, nll, global_branch, comp_branch, scale,
                      label_offset=0, label_smoothing=0.0):
     """Gradients of each branch's tensors (same order) and of the scale (0-d); a comp
     branch given by its b side gets b's, its a's summed into the global branch's."""
-    _check(global_branch, comp_branch, scale, label_offset, label_smoothing)
+    comp_branch, shares_a = _check(global_branch, comp_branch, scale, label_offset,
+                                   label_smoothing)
     s = scale.reshape(1).contiguous()
     ready = lambda g: g.to(s.dtype).contiguous()
     g_ce, g_nll, nll = ready(grad_ce), ready(grad_nll), ready(nll)
     d_global, ds_g = _branch_backward(list(global_branch), s, label_offset, label_smoothing,
                                       nll[0:2], g_ce[0:2], g_nll[0:2])
     # The component branch last: where it shares a, it adds into d_global's gradients of a.
-    comp_branch, shares_a = _comp_in_full(global_branch, comp_branch)
     d_comp, ds_c = _branch_backward(comp_branch, s, label_offset, label_smoothing, nll[2:4],
                                     g_ce[2:4], g_nll[2:4], d_global if shares_a else None)
     return d_global, d_comp, ds_g + ds_c

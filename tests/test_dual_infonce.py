@@ -47,15 +47,24 @@ def _run(fn, rows, cols, scale, offset, eps, square):
     return [g.detach(), c.detach()] + [t.grad.clone() for t in leaves]
 
 
-def _compare(B, N, d, dtype, device, square, eps, strip_rows=0, d_comp=None, fn=None):
-    """``fn`` (default: the strip driver) against the float64 reference, SPEC 4's tolerances."""
+def _compare(B, N, d, dtype, device, square, eps, strip_rows=0, d_comp=None, fn=None,
+             shared=False):
+    """``fn`` (default: the strip driver) against the float64 reference, SPEC 4's tolerances.
+    ``shared``: the image is both branches' a, the very same tensor (as where HiDe's u' is
+    materialized), so its gradient holds both branches' terms; the reference gets the same
+    structure."""
     rows, cols = _inputs(B, N, d, dtype, device, square, d_comp)
+    if shared:
+        rows[2] = rows[0]
+        cols[2] = cols[0]  # the same list as rows when square
     offset = 0 if square else (N - B) // 2
     scale = torch.tensor(13.0, dtype=torch.float32 if dtype != torch.float64 else dtype,
                          device=device, requires_grad=True)
     fn = fn or (lambda *a: dual_infonce(*a, strip_rows=strip_rows))
     ours = _run(fn, rows, cols, scale, offset, eps, square)
-    up = lambda ts: [t.detach().double().cpu().requires_grad_() for t in ts]
+    float64 = {}  # one float64 leaf per tensor: a shared image stays one tensor
+    up = lambda ts: [float64.setdefault(id(t), t.detach().double().cpu().requires_grad_())
+                     for t in ts]
     rows64 = up(rows)
     cols64 = rows64 if square else up(cols)
     s64 = scale.detach().double().cpu().requires_grad_()
@@ -200,33 +209,6 @@ def test_comp_branch_by_its_b_side_opcheck_and_gradcheck():
         assert torch.autograd.gradcheck(op, (*glob, *short, scale))
 
 
-def _image_shared_by_both_branches(fn, device, dtype, square, tol):
-    """``fn`` (a dual_infonce) on ((img, txt), (img, comp)) with the very same img tensor,
-    against the float64 reference on the same structure: the image's gradient holds both
-    branches' terms, whichever form the stage gives its op."""
-    B, N, d = 29, 29 if square else 70, 19
-    rows, cols = _inputs(B, N, d, dtype, device, square)
-    leaves = lambda f: f[:2] + f[3:4] + ([] if square else f[4:6] + f[7:8])
-    def run(f, s, loss_fn):
-        pairs_ = lambda a, b, c: ((a, b), (a, c))
-        r = pairs_(f[0], f[1], f[3])
-        c = None if square else pairs_(f[4], f[5], f[7])
-        for t in leaves(f) + [s]:
-            t.grad = None
-        g, cl = loss_fn(r, c, s, 0 if square else 20, 0.1)
-        (g + 0.6 * cl).backward()
-        return [g.detach(), cl.detach()] + [t.grad for t in leaves(f) + [s]]
-    f = rows + ([] if square else cols)
-    scale = torch.tensor(9.0, dtype=torch.float32 if dtype != torch.float64 else dtype,
-                         device=device, requires_grad=True)
-    f64 = [t.detach().double().cpu().requires_grad_() for t in f]
-    ours = run(f, scale, fn)
-    ref = run(f64, scale.detach().double().cpu().requires_grad_(), dual_infonce_reference)
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        err = loss_rel(a.cpu(), b) if i < 2 else rel(a.cpu(), b)
-        assert err <= tol, (i, err)
-
-
 def compiled_equals_eager(loss, leaves):
     """torch.compile(fullgraph) of ``loss(*leaves)`` against eager, float64: the value and
     every leaf's gradient (AOTAutograd compiles the backward)."""
@@ -272,8 +254,8 @@ def test_stage_gives_a_shared_image_once(square, monkeypatch):
     sizes = []
     real = stage.dual_ce
     monkeypatch.setattr(stage, "dual_ce", lambda g, c, *a: sizes.append(len(c)) or real(g, c, *a))
-    _image_shared_by_both_branches(dual_infonce, "cpu", torch.float64, square, TOL[torch.float64])
-    _image_shared_by_both_branches(dual_infonce, "cpu", torch.float32, square, TOL[torch.float32])
+    _compare(29, 29 if square else 70, 19, torch.float64, "cpu", square, 0.1, shared=True)
+    _compare(29, 29 if square else 70, 19, torch.float32, "cpu", square, 0.1, shared=True)
     _compare(7, 7 if square else 21, 5, torch.float64, "cpu", square, 0.1)  # cimg is not img
     assert sizes == [1, 1, 2] if square else sizes == [2, 2, 4]
 
